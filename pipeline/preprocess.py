@@ -1,0 +1,66 @@
+"""The one preprocessing definition shared by training, export checks and serving.
+
+The spec travels inside every model's metadata. Geometry (resize/letterbox) is done by
+OpenCV on uint8 images on both sides, so there is exactly one resize implementation;
+the normalisation to float NCHW exists in numpy (runtime) and torch (training, see
+``pipeline.data.torch_normalize``) and tests prove the two agree.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import cv2
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+_INTERP = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
+
+
+class PreprocessSpec(BaseModel):
+    """How an RGB uint8 image becomes the model's float32 input."""
+
+    model_config = ConfigDict(frozen=True)
+
+    height: int = Field(224, ge=16, le=2048)
+    width: int = Field(224, ge=16, le=2048)
+    resize: Literal["stretch", "letterbox"] = "stretch"
+    interpolation: Literal["area", "linear", "cubic"] = "area"
+    pad_value: int = Field(0, ge=0, le=255)
+    # EfficientNet-Lite's TF weights expect (x - 127) / 128 on RGB.
+    mean: tuple[float, float, float] = (127.0, 127.0, 127.0)
+    std: tuple[float, float, float] = (128.0, 128.0, 128.0)
+
+
+def resize_image(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Resize an HxWx3 uint8 RGB image to the spec's size (stretch or letterbox)."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected HxWx3 uint8 RGB, got shape {image.shape} dtype {image.dtype}")
+    h, w = image.shape[:2]
+    interp = _INTERP[spec.interpolation]
+    if spec.resize == "stretch":
+        if (h, w) == (spec.height, spec.width):
+            return image
+        return cv2.resize(image, (spec.width, spec.height), interpolation=interp)
+    scale = min(spec.height / h, spec.width / w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    resized = cv2.resize(image, (nw, nh), interpolation=interp) if (nh, nw) != (h, w) else image
+    out = np.full((spec.height, spec.width, 3), spec.pad_value, dtype=np.uint8)
+    top, left = (spec.height - nh) // 2, (spec.width - nw) // 2
+    out[top:top + nh, left:left + nw] = resized
+    return out
+
+
+def normalize(batch: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """NHWC uint8 (or float in 0..255) -> NCHW float32, normalised per channel."""
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    inv_std = 1.0 / np.asarray(spec.std, dtype=np.float32)
+    x = (batch.astype(np.float32) - mean) * inv_std
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def preprocess(images: list[np.ndarray], spec: PreprocessSpec) -> np.ndarray:
+    """Decoded RGB uint8 images -> model input batch (N, 3, H, W) float32."""
+    if not images:
+        return np.zeros((0, 3, spec.height, spec.width), np.float32)
+    return normalize(np.stack([resize_image(im, spec) for im in images]), spec)
