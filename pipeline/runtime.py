@@ -139,17 +139,14 @@ class OnnxModel:
 
     def decide(self, probs: np.ndarray) -> list[Prediction]:
         """Class probabilities -> predictions with the model's operating threshold applied."""
-        good, thr, classes = self.metadata.good_index, self.metadata.threshold, self.classes
-        out = []
-        for row in probs:
-            score = float(1.0 - row[good])
-            out.append(Prediction(
-                label=classes[int(row.argmax())],
-                probabilities={c: float(p) for c, p in zip(classes, row)},
-                defect_score=score,
-                decision="defect" if score >= thr else "good",
-            ))
-        return out
+        thr, classes = self.metadata.threshold, self.classes
+        # float32 like pipeline.evaluate.defect_scores: the threshold sits one float above a
+        # validation score, so evaluation and serving must round identically.
+        scores = np.float32(1.0) - probs[:, self.metadata.good_index].astype(np.float32)
+        labels = probs.argmax(1)
+        return [Prediction(label=classes[int(k)], probabilities={c: float(p) for c, p in zip(classes, row)},
+                           defect_score=float(s), decision="defect" if s >= thr else "good")
+                for row, s, k in zip(probs, scores, labels)]
 
     def predict(self, images: list[np.ndarray]) -> list[Prediction]:
         """Decoded RGB uint8 images -> predictions."""

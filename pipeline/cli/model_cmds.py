@@ -1,7 +1,187 @@
-"""`defect` commands for the model's life before serving: synth, train, evaluate, export, predict."""
+"""`defect` commands for a model's life before serving: synth, train, evaluate, predict.
+
+Torch is imported only inside ``train``; ``evaluate`` and ``predict`` run on ONNX Runtime alone.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import click
 
-commands: list[click.Command] = []
+from pipeline.cli.progress import progress_bar
+from pipeline.cli.synth_cmd import synth
+
+commands: list[click.Command] = [synth]
+
+
+def _fail(msg: str) -> None:
+    click.secho(f"error: {msg}", fg="red", err=True)
+    sys.exit(2)
+
+
+@click.command()
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run folder for model.onnx, model.json, metrics.json, report.html and plots.")
+@click.option("--shots", type=click.IntRange(min=1), help="Use only K labelled images per class (few-shot).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--good-class", help="The defect-free class folder (default: guessed from good/ok/free/normal).")
+@click.option("--img-size", type=click.IntRange(32, 1024), help="Square input size (default: backbone's native).")
+@click.option("--resize", type=click.Choice(["stretch", "letterbox"]), default="stretch", show_default=True)
+@click.option("--backbone", default="efficientnet_lite0", show_default=True,
+              help="efficientnet_lite0|1|2, or timm:<name> with timm installed.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="State dict for the backbone.")
+@click.option("--epochs", type=click.IntRange(min=0), help="Fine-tuning epochs (stage 2).")
+@click.option("--target-frr", default=0.02, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="False-reject rate the operating threshold is set for.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="YAML/JSON file with TrainConfig fields (command-line options win).")
+def train(data_dir: Path, out_dir: Path, shots: int | None, seed: int, good_class: str | None, img_size: int | None,
+          resize: str, backbone: str, weights: str | None, epochs: int | None, target_frr: float,
+          config_file: Path | None) -> None:
+    """Fine-tune a pretrained backbone on DATA_DIR (one folder per class) and export a checked ONNX model."""
+    import yaml
+
+    from pipeline.backbones import MissingWeightsError
+    from pipeline.run import RunConfig, run_training
+    from pipeline.train import TrainConfig
+
+    base = yaml.safe_load(config_file.read_text()) if config_file else {}
+    overrides = {"seed": seed, "backbone": backbone, "resize": resize, "img_size": img_size, "weights": weights}
+    if epochs is not None:
+        overrides["finetune_epochs"] = epochs
+    try:
+        tcfg = TrainConfig(**{**(base or {}), **{k: v for k, v in overrides.items() if v is not None}})
+        cfg = RunConfig(data_dir=data_dir, out_dir=out_dir, good_class=good_class, shots=shots,
+                        target_frr=target_frr, train=tcfg)
+        with progress_bar() as update:
+            summary = run_training(cfg, progress=update)
+    except (MissingWeightsError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+        return
+    m = summary.metrics
+    for s in summary.skipped:
+        click.secho(f"skipped unreadable {s['path']}: {s['error']}", fg="yellow", err=True)
+    click.echo(f"model      {summary.onnx_path}")
+    click.echo(f"report     {summary.out_dir / 'report.html'}")
+    click.echo(f"classes    {', '.join(summary.metadata.classes)} (good: {summary.metadata.good_class})")
+    click.echo(f"validation balanced accuracy {m['balanced_accuracy']:.3f}, defect recall "
+               f"{m['defect_recall_at_frr']:.3f} at false-reject rate {m['false_reject_rate']:.3f} "
+               f"(threshold {summary.metadata.threshold:.3f}, {m['n_images']} images)")
+    click.echo(f"parity     max |dp| {summary.parity['max_abs_prob_diff']:.1e}, top-1 agreement "
+               f"{summary.parity['top1_agreement']:.0%} on {summary.parity['n_images']} images")
+    click.echo("time       " + ", ".join(f"{k} {v:.1f}s" for k, v in summary.timings.items()))
+
+
+@click.command()
+@click.argument("model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write report.html and plots here.")
+def evaluate(model_path: Path, data_dir: Path, as_json: bool, report_dir: Path | None) -> None:
+    """Evaluate MODEL_PATH (.onnx with its model.json) on DATA_DIR (one folder per class)."""
+    from pipeline import evaluate as ev
+    from pipeline.data.folders import scan_image_folder
+    from pipeline.runtime import OnnxModel
+
+    try:
+        model = OnnxModel(model_path)
+        ds = scan_image_folder(data_dir)
+        with progress_bar(disable=as_json) as update:
+            step = lambda d, n: update("evaluate", d, n)  # noqa: E731
+            if report_dir:
+                metrics, _, _ = ev.evaluate_to_dir(model, ds, report_dir, progress=step)
+            else:
+                metrics, _ = ev.evaluate_model(model, ds, progress=step)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        _fail(str(exc))
+        return
+    metrics["model"] = str(model_path)
+    if as_json:
+        click.echo(json.dumps(metrics))
+        return
+    click.echo(f"{metrics['n_images']} images, balanced accuracy {metrics['balanced_accuracy']:.3f}, "
+               f"defect recall {metrics['defect_recall_at_frr']:.3f} at false-reject rate "
+               f"{metrics['false_reject_rate']:.3f} (threshold {metrics['threshold']:.3f})")
+    for name, pc in metrics["per_class"].items():
+        if pc["support"]:
+            click.echo(f"  {name:<14} recall {pc['recall']:.3f}  precision {pc['precision'] or 0:.3f}  n={pc['support']}")
+
+
+@click.command()
+@click.argument("model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+def predict(model_path: Path, paths: tuple[Path, ...]) -> None:
+    """Classify images (files or folders): one JSON line per image; unreadable files give an error line."""
+    from pipeline.data.decode import IMAGE_EXTENSIONS, ImageDecodeError, decode_file
+    from pipeline.runtime import OnnxModel
+
+    try:
+        model = OnnxModel(model_path)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        _fail(str(exc))
+        return
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        else:
+            files.append(p)
+    failed = 0
+    batch: list[tuple[Path, object]] = []
+
+    def flush() -> None:
+        preds = model.predict([im for _, im in batch])
+        for (f, _), pr in zip(batch, preds):
+            click.echo(json.dumps({"path": str(f), **pr.as_dict(), "error": None}))
+        batch.clear()
+
+    for f in files:
+        try:
+            batch.append((f, decode_file(f)))
+        except (ImageDecodeError, OSError) as exc:
+            failed += 1
+            kind = getattr(exc, "kind", type(exc).__name__)
+            click.echo(json.dumps({"path": str(f), "class": None, "probabilities": None, "defect_score": None,
+                                   "decision": None, "error": f"{kind}: {exc}"}))
+        if len(batch) >= model.options.max_batch:
+            flush()
+    if batch:
+        flush()
+    if failed:
+        sys.exit(1)
+
+
+commands += [train, evaluate, predict]
+
+
+@click.command()
+@click.option("--workdir", default="demo", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", default=0, show_default=True, type=int)
+def demo(workdir: Path, seed: int) -> None:
+    """Run the loop on generated line images and print a summary (no data or network needed)."""
+    from pipeline.demo import DemoConfig, run_demo
+
+    with progress_bar() as update:
+        s = run_demo(DemoConfig(workdir=workdir, seed=seed), progress=update)
+    v, t = s.validation, s.test
+    click.echo("")
+    click.secho("defect-pipeline demo", bold=True)
+    click.echo(f"  model        {s.run_dir / 'model.onnx'}  (report: {s.run_dir / 'report.html'})")
+    click.echo(f"  validation   balanced accuracy {v['balanced_accuracy']:.3f}, defect recall {v['defect_recall_at_frr']:.3f}"
+               f" at false-reject rate {v['false_reject_rate']:.3f}")
+    click.echo(f"  unseen test  balanced accuracy {t['balanced_accuracy']:.3f}, defect recall {t['defect_recall_at_frr']:.3f}"
+               f" at false-reject rate {t['false_reject_rate']:.3f} on {t['n_images']} images"
+               f"  (report: {s.eval_dir / 'report.html'})")
+    for p in s.predictions:
+        click.echo(f"  predict      {Path(p['path']).parent.name}/{Path(p['path']).name} -> {p['class']}"
+                   f" (defect score {p['defect_score']:.3f}, {p['decision']})")
+    click.echo("  time         " + ", ".join(f"{k} {v:.1f}s" for k, v in s.timings.items() if not k.startswith("train.")
+                                            or k == "train.total_s"))
+
+
+commands.append(demo)

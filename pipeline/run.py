@@ -1,0 +1,171 @@
+"""One training run, start to finish: data -> fine-tune -> threshold -> export + parity -> drift reference -> report.
+
+This is the library-level composition behind ``defect train``; the Prefect flow calls the same
+steps as separate tasks. Everything a run produces lands in ``out_dir``:
+``model.onnx``, ``model.json``, ``metrics.json``, ``manifest.json``, ``drift_reference.npz``,
+``report.html`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from pipeline.data.folders import (ImageFolder, guess_good_class, manifest_sha256, sample_shots, scan_image_folder,
+                                   stratified_split)
+from pipeline.metadata import ModelMetadata, write_json_atomic
+from pipeline.train import Progress, TrainConfig, TrainResult
+
+log = logging.getLogger(__name__)
+
+DRIFT_REFERENCE_FILE = "drift_reference.npz"
+
+
+class RunConfig(BaseModel):
+    """What to train on and how to split it; the recipe itself is ``train``."""
+
+    data_dir: Path
+    out_dir: Path
+    good_class: str | None = None
+    shots: int | None = Field(None, ge=1)
+    val_fraction: float = Field(0.25, gt=0, lt=1)
+    target_frr: float = Field(0.02, ge=0, lt=1)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+@dataclass
+class RunSummary:
+    out_dir: Path
+    onnx_path: Path
+    metadata: ModelMetadata
+    metrics: dict
+    parity: dict
+    timings: dict[str, float]
+    counts: dict[str, dict[str, int]]
+    skipped: list[dict]
+
+
+def split_dataset(ds: ImageFolder, cfg: RunConfig) -> tuple[ImageFolder, ImageFolder, ImageFolder | None]:
+    """(train, val, remainder). With ``shots`` only K images per class are labelled: train and val both
+    come from those K; the rest is returned for honest held-out testing."""
+    seed = cfg.train.seed
+    remainder = None
+    pool = ds
+    if cfg.shots:
+        pool, remainder = sample_shots(ds, cfg.shots, seed)
+    train_set, val_set = stratified_split(pool, cfg.val_fraction, seed)
+    return train_set, val_set, remainder
+
+
+def fit_threshold(val_good_scores: np.ndarray, target_frr: float) -> float:
+    """Operating threshold on validation good-part scores (see ``pipeline.evaluate.choose_threshold``)."""
+    from pipeline.evaluate import choose_threshold
+
+    return float(choose_threshold(val_good_scores, target_frr))
+
+
+def export_and_check(result: TrainResult, out_dir: Path, threshold: float, target_frr: float, metrics: dict,
+                     manifest_hash: str, check_paths: list[Path]) -> tuple[Path, ModelMetadata, dict]:
+    """ONNX + metadata, then the runtime-vs-torch parity check on real images; a failing export is removed."""
+    from pipeline.export import finalize_artefact, export_onnx, load_check_images, parity_check
+
+    onnx_path = export_onnx(result.model, result.spec, out_dir / "model.onnx")
+    meta = ModelMetadata(
+        classes=result.classes, good_class=result.good_class, preprocess=result.spec,
+        threshold=threshold, target_frr=target_frr, frr_at_threshold=metrics.get("false_reject_rate"),
+        metrics={k: metrics[k] for k in ("balanced_accuracy", "defect_recall_at_frr", "false_reject_rate", "auroc",
+                                         "n_images") if k in metrics},
+        backbone=result.config.backbone, embedding_dim=int(result.val_embeddings.shape[1]),
+        train_manifest_sha256=manifest_hash, drift_reference=DRIFT_REFERENCE_FILE, opset=17,
+        extra={"train_config": result.config.model_dump(mode="json"), "best_epoch": result.best_epoch},
+    )
+    meta = finalize_artefact(onnx_path, meta)
+    try:
+        parity = parity_check(result.model, onnx_path, load_check_images(check_paths)).as_dict()
+    except Exception:
+        onnx_path.unlink(missing_ok=True)
+        onnx_path.with_suffix(".json").unlink(missing_ok=True)
+        raise
+    return onnx_path, meta, parity
+
+
+def fit_drift_reference(result: TrainResult, out_dir: Path) -> Path:
+    """Reference statistics of the training domain, saved beside the model."""
+    from pipeline.data.decode import decode_file
+    from pipeline.drift import fit_reference, image_statistics
+
+    stats, embs, probs = [], [], []
+    sources = [(result.train_set, result.train_embeddings, result.train_probs),
+               (result.val_set, result.val_embeddings, result.val_probs)]
+    skipped = {s["path"] for s in result.skipped}
+    for ds, e, p in sources:
+        readable = [s for s in ds.samples if str(s.path) not in skipped]
+        for sample, emb, prob in zip(readable, e, p):
+            stats.append(image_statistics(decode_file(sample.path)))
+            embs.append(emb)
+            probs.append(prob)
+    ref = fit_reference(np.asarray(embs), np.asarray(stats), np.asarray(probs), seed=result.config.seed)
+    path = out_dir / DRIFT_REFERENCE_FILE
+    ref.save(path)
+    return path
+
+
+def run_training(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
+    """Train, pick the operating threshold, export with parity, fit the drift reference, write the report."""
+    from pipeline import evaluate
+    from pipeline.train import train
+
+    t_start = time.perf_counter()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ds = scan_image_folder(cfg.data_dir)
+    good = cfg.good_class or guess_good_class(ds.classes)
+    if good not in ds.classes:
+        raise ValueError(f"--good-class {good!r} is not a class folder of {cfg.data_dir} ({ds.classes})")
+    train_set, val_set, remainder = split_dataset(ds, cfg)
+    manifest = {"data_dir": str(cfg.data_dir), "train": train_set.manifest(), "val": val_set.manifest()}
+    manifest_hash = manifest_sha256(manifest["train"] + manifest["val"])
+    write_json_atomic(out / "manifest.json", json.dumps(manifest, indent=1))
+
+    result = train(train_set, val_set, good, cfg.train, progress=progress)
+    gi = result.classes.index(good)
+    val_scores = 1.0 - result.val_probs[:, gi]
+    threshold = fit_threshold(val_scores[result.val_labels == gi], cfg.target_frr)
+    metrics = evaluate.classification_metrics(result.val_labels, result.val_probs, result.classes, good,
+                                              threshold=threshold, target_frr=cfg.target_frr)
+
+    t0 = time.perf_counter()
+    check_paths = [s.path for s in val_set.samples] + [s.path for s in train_set.samples]
+    onnx_path, meta, parity = export_and_check(result, out, threshold, cfg.target_frr, metrics, manifest_hash,
+                                               check_paths)
+    fit_drift_reference(result, out)
+    export_s = time.perf_counter() - t0
+
+    timings = {**{k: round(v, 2) for k, v in result.timings.items()}, "export_parity_drift_s": round(export_s, 2),
+               "total_s": round(time.perf_counter() - t_start, 2)}
+    counts = {"train": train_set.counts(), "val": val_set.counts()}
+    if remainder is not None:
+        counts["held_out"] = remainder.counts()
+    full = {"validation": metrics, "parity": parity, "timings": timings, "counts": counts,
+            "history": result.history, "best_epoch": result.best_epoch, "skipped": result.skipped,
+            "backbone": result.config.backbone, "device": result.device}
+    write_json_atomic(out / "metrics.json", json.dumps(full, indent=2))
+
+    pngs = [evaluate.plot_confusion_matrix(metrics, out / "confusion_matrix.png"),
+            evaluate.plot_recall_vs_frr(val_scores, result.val_labels != gi, out / "recall_vs_frr.png",
+                                        threshold=threshold, target_frr=cfg.target_frr)]
+    evaluate.write_report(out, f"Training run: {out.name}", metrics, [Path(p) for p in pngs if p], extra={
+        "backbone": result.config.backbone, "input": f"{result.spec.height}x{result.spec.width} {result.spec.resize}",
+        "train images": sum(counts["train"].values()), "validation images": sum(counts["val"].values()),
+        "best epoch": result.best_epoch, "device": result.device,
+        "parity max |dp|": f"{parity['max_abs_prob_diff']:.2e} on {parity['n_images']} images",
+        **{f"time {k}": f"{v:.1f} s" for k, v in timings.items()},
+        "skipped files": len(result.skipped),
+    })
+    return RunSummary(out, onnx_path, meta, metrics, parity, timings, counts, result.skipped)

@@ -1,0 +1,357 @@
+"""Few-shot fine-tuning: the classic two-stage transfer-learning recipe, sized for 5-50 images per class.
+
+Stage 1 trains a linear head on cached backbone features (a few augmented views per image):
+seconds, and a good start. Stage 2 unfreezes the top blocks with a lower learning rate and
+trains on augmented batches with class-balanced sampling, keeping the epoch with the best
+validation balanced accuracy. BatchNorm layers stay in inference mode throughout: batch
+statistics from 16 images of 6 classes are noise, the ImageNet ones are not.
+
+Knows nothing about ONNX or Prefect; returns a ``TrainResult`` that export and evaluation take.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field
+from torch import nn
+
+from pipeline.backbones import build_backbone, default_preprocess
+from pipeline.backbones.efficientnet_lite import EfficientNetLite
+from pipeline.data.augment import AugmentConfig, augment, load_images, to_float_nchw, torch_normalize
+from pipeline.data.folders import ImageFolder
+from pipeline.preprocess import PreprocessSpec
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+class TrainConfig(BaseModel):
+    """The fine-tuning recipe. Defaults are what the magnetic-tile benchmark uses."""
+
+    backbone: str = "efficientnet_lite0"
+    weights: str | None = None
+    img_size: int | None = Field(None, ge=32, le=1024)  # None: the backbone's native size
+    resize: str = Field("stretch", pattern="^(stretch|letterbox)$")
+    seed: int = 0
+    # stage 1: linear head on cached features
+    feature_views: int = Field(4, ge=1, le=32)
+    head_steps: int = Field(300, ge=0)
+    head_lr: float = 3e-3
+    # stage 2: partial unfreeze
+    finetune_epochs: int = Field(20, ge=0)
+    unfreeze_blocks: int = Field(6, ge=0)  # top MBConv blocks trained (plus the 1x1 head conv)
+    lr: float = 1e-3
+    backbone_lr_scale: float = 0.3
+    weight_decay: float = 1e-4
+    batch_size: int = Field(16, ge=2)
+    steps_per_epoch: int | None = None  # None: ~one pass over the training set
+    patience: int = Field(6, ge=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    # Re-estimate BatchNorm statistics on the (augmented) training images before stage 1 (AdaBN):
+    # line images are far from ImageNet, so its statistics misplace every feature.
+    bn_adapt_views: int = Field(0, ge=0, le=32)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    threads: int | None = None
+    device: str = Field("auto", pattern="^(auto|cpu|cuda)$")
+
+    def preprocess_spec(self) -> PreprocessSpec:
+        return default_preprocess(self.backbone, self.img_size, self.resize)
+
+
+class DefectClassifier(nn.Module):
+    """Backbone features -> dropout -> linear head. ``forward`` gives logits."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, dropout: float = 0.2):
+        super().__init__()
+        self.backbone = backbone
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(backbone.num_features, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.features(x)))
+
+
+class ExportModule(nn.Module):
+    """What goes into ONNX: normalised images -> (class probabilities, pooled embedding)."""
+
+    def __init__(self, clf: DefectClassifier):
+        super().__init__()
+        self.clf = clf
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self.clf.features(images)
+        return torch.softmax(self.clf.head(emb), dim=1), emb
+
+
+@dataclass
+class TrainResult:
+    model: DefectClassifier
+    classes: list[str]
+    good_class: str
+    spec: PreprocessSpec
+    config: TrainConfig
+    train_set: ImageFolder
+    val_set: ImageFolder
+    skipped: list[dict]
+    val_labels: np.ndarray
+    val_probs: np.ndarray
+    val_embeddings: np.ndarray
+    train_embeddings: np.ndarray
+    train_probs: np.ndarray
+    history: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    best_epoch: int = 0
+    device: str = "cpu"
+
+
+def balanced_accuracy(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
+    recalls = [float((pred[y == c] == c).mean()) for c in range(n_classes) if (y == c).any()]
+    return float(np.mean(recalls)) if recalls else float("nan")
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _set_threads(cfg: TrainConfig) -> None:
+    torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
+
+
+@torch.no_grad()
+def embed(model: DefectClassifier, images_u8: torch.Tensor, spec: PreprocessSpec, device: torch.device,
+          batch: int = 32, aug: AugmentConfig | None = None, gen: torch.Generator | None = None
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings, probabilities) for uint8 NHWC images, optionally augmented."""
+    model.eval()
+    embs, probs = [], []
+    for i in range(0, len(images_u8), batch):
+        x = to_float_nchw(images_u8[i:i + batch])
+        if aug is not None:
+            x = augment(x, aug, gen)
+        x = torch_normalize(x, spec).to(device).contiguous(memory_format=torch.channels_last)
+        e = model.features(x)
+        embs.append(e.float().cpu())
+        probs.append(torch.softmax(model.head(e), 1).float().cpu())
+    if not embs:
+        return np.zeros((0, model.backbone.num_features), np.float32), np.zeros((0, model.head.out_features), np.float32)
+    return torch.cat(embs).numpy(), torch.cat(probs).numpy()
+
+
+@torch.no_grad()
+def adapt_batchnorm(model: DefectClassifier, images_u8: torch.Tensor, spec: PreprocessSpec, device: torch.device,
+                    views: int, aug: AugmentConfig | None, gen: torch.Generator | None, batch: int = 32) -> None:
+    """AdaBN: replace BatchNorm running statistics by the exact averages over these images.
+
+    Used at training time (line images vs ImageNet) and for label-free re-adaptation to a new domain.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or views <= 0 or len(images_u8) == 0:
+        return
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: exact mean over all batches seen
+        m.train()
+    for v in range(views):
+        for i in range(0, len(images_u8), batch):
+            x = to_float_nchw(images_u8[i:i + batch])
+            if v > 0 and aug is not None:
+                x = augment(x, aug, gen)
+            model.features(torch_normalize(x, spec).to(device).contiguous(memory_format=torch.channels_last))
+    for m, (mom, training) in zip(bns, saved):
+        m.momentum = mom
+        m.train(training)
+
+
+def _class_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    counts = torch.bincount(labels, minlength=n_classes).float().clamp(min=1)
+    w = counts.sum() / (n_classes * counts)
+    return w / w.mean()
+
+
+def _train_head(model: DefectClassifier, feats: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
+                n_classes: int) -> None:
+    """Stage 1: full-batch AdamW on cached features with class-balanced cross-entropy."""
+    head = model.head
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.head_lr, weight_decay=cfg.weight_decay)
+    w = _class_weights(labels, n_classes).to(feats.device)
+    for _ in range(cfg.head_steps):
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(head(F.dropout(feats, cfg.dropout)), labels, weight=w,
+                               label_smoothing=cfg.label_smoothing)
+        loss.backward()
+        opt.step()
+
+
+def _trainable_params(model: DefectClassifier, cfg: TrainConfig) -> list[dict]:
+    """Freeze everything but the top ``unfreeze_blocks`` blocks, the head conv and the classifier."""
+    bb = model.backbone
+    for p in bb.parameters():
+        p.requires_grad_(False)
+    params: list[nn.Parameter] = []
+    if cfg.unfreeze_blocks > 0:
+        if isinstance(bb, EfficientNetLite):
+            k = min(cfg.unfreeze_blocks, len(bb._blocks))
+            modules = list(bb._blocks[len(bb._blocks) - k:]) + [bb._conv_head, bb._bn1]
+            for m in modules:
+                for p in m.parameters():
+                    p.requires_grad_(True)
+                    params.append(p)
+        else:  # unknown layout: fine-tune the whole backbone at the low rate
+            for p in bb.parameters():
+                p.requires_grad_(True)
+                params.append(p)
+    groups = [{"params": list(model.head.parameters()), "lr": cfg.lr}]
+    if params:
+        groups.append({"params": params, "lr": cfg.lr * cfg.backbone_lr_scale})
+    return groups
+
+
+def _balanced_batches(labels: torch.Tensor, n_classes: int, batch: int, steps: int,
+                      gen: torch.Generator) -> list[torch.Tensor]:
+    """Each batch draws classes uniformly, then an image of that class: rare defects seen as often as good parts."""
+    by_class = [torch.nonzero(labels == c).flatten() for c in range(n_classes)]
+    present = [c for c in range(n_classes) if len(by_class[c])]
+    out = []
+    for _ in range(steps):
+        cls = torch.tensor(present)[torch.randint(len(present), (batch,), generator=gen)]
+        idx = [by_class[c][torch.randint(len(by_class[c]), (1,), generator=gen)].item() for c in cls.tolist()]
+        out.append(torch.tensor(idx))
+    return out
+
+
+def train(train_set: ImageFolder, val_set: ImageFolder, good_class: str, cfg: TrainConfig | None = None,
+          progress: Progress | None = None, init_state: dict | None = None) -> TrainResult:
+    """Fine-tune a pretrained backbone on ``train_set``; select the epoch on ``val_set``.
+
+    ``init_state``: a ``DefectClassifier`` state dict to warm-start from (e.g. the champion's), same classes.
+    """
+    cfg = cfg or TrainConfig()
+    _set_threads(cfg)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    device = _device(cfg)
+    spec = cfg.preprocess_spec()
+    classes = list(train_set.classes)
+    n_classes = len(classes)
+    if good_class not in classes:
+        raise ValueError(f"good class {good_class!r} is not among the class folders {classes}")
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    cb = (lambda d, n: progress("decode", d, n)) if progress else None
+    x_train, y_train, skipped = load_images(train_set, spec, cb)
+    x_val, y_val, skipped_val = load_images(val_set, spec)
+    skipped += skipped_val
+    for s in skipped:
+        log.warning("skipped unreadable image %s: %s", s["path"], s["error"])
+    missing = [classes[c] for c in range(n_classes) if not (y_train == c).any()]
+    if missing:
+        raise ValueError(f"no readable training images for classes {missing}")
+    timings["decode_s"] = time.perf_counter() - t0
+
+    model = DefectClassifier(build_backbone(cfg.backbone, cfg.weights), n_classes, cfg.dropout)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    model.eval()
+    if init_state is None and cfg.bn_adapt_views:
+        t0 = time.perf_counter()
+        adapt_batchnorm(model, x_train, spec, device, cfg.bn_adapt_views, cfg.augment, gen)
+        timings["bn_adapt_s"] = time.perf_counter() - t0
+
+    # Stage 1: head on cached features of a few augmented views.
+    t0 = time.perf_counter()
+    views_f, views_y = [], []
+    for v in range(cfg.feature_views):
+        f, _ = embed(model, x_train, spec, device, aug=None if v == 0 else cfg.augment, gen=gen)
+        views_f.append(torch.from_numpy(f))
+        views_y.append(y_train)
+        if progress:
+            progress("features", v + 1, cfg.feature_views)
+    feats = torch.cat(views_f).to(device)
+    labels = torch.cat(views_y).to(device)
+    if init_state is None:
+        _train_head(model, feats, labels, cfg, n_classes)
+    timings["stage1_head_s"] = time.perf_counter() - t0
+
+    history: list[dict] = []
+
+    def validate(epoch: int, loss: float) -> float:
+        _, p = embed(model, x_val, spec, device)
+        bacc = balanced_accuracy(y_val.numpy(), p.argmax(1), n_classes) if len(y_val) else float("nan")
+        vloss = float(F.cross_entropy(torch.from_numpy(np.log(p + 1e-9)), y_val).item()) if len(y_val) else float("nan")
+        history.append({"epoch": epoch, "train_loss": loss, "val_balanced_accuracy": bacc, "val_loss": vloss})
+        return bacc if bacc == bacc else -vloss
+
+    # Stage 2: partial unfreeze, balanced batches, keep the best epoch.
+    t0 = time.perf_counter()
+    best_score, best_state, best_epoch, since_best = validate(0, float("nan")), None, 0, 0
+    best_key = (best_score, -history[-1]["val_loss"])
+    best_state = copy.deepcopy(model.state_dict())
+    groups = _trainable_params(model, cfg)
+    steps = cfg.steps_per_epoch or max(4, -(-len(y_train) // cfg.batch_size))
+    total = cfg.finetune_epochs * steps
+    if total:
+        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=[g["lr"] for g in groups], total_steps=total, pct_start=0.15)
+        w = _class_weights(y_train, n_classes).to(device)
+        for epoch in range(1, cfg.finetune_epochs + 1):
+            model.eval()  # BatchNorm keeps ImageNet statistics
+            model.dropout.train()
+            losses = []
+            for idx in _balanced_batches(y_train, n_classes, cfg.batch_size, steps, gen):
+                x = augment(to_float_nchw(x_train[idx]), cfg.augment, gen)
+                x = torch_normalize(x, spec).to(device).contiguous(memory_format=torch.channels_last)
+                loss = F.cross_entropy(model(x), y_train[idx].to(device), label_smoothing=cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+            score = validate(epoch, float(np.mean(losses)))
+            key = (score, -history[-1]["val_loss"])
+            if key > best_key:
+                best_key, best_state, best_epoch, since_best = key, copy.deepcopy(model.state_dict()), epoch, 0
+            else:
+                since_best += 1
+            if progress:
+                progress("finetune", epoch, cfg.finetune_epochs)
+            if since_best >= cfg.patience:
+                log.info("early stop at epoch %d (best %d)", epoch, best_epoch)
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    timings["stage2_finetune_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    val_emb, val_probs = embed(model, x_val, spec, device)
+    train_emb, train_probs = embed(model, x_train, spec, device)
+    timings["final_embed_s"] = time.perf_counter() - t0
+    model = model.cpu().to(memory_format=torch.contiguous_format)
+    return TrainResult(
+        model=model, classes=classes, good_class=good_class, spec=spec, config=cfg,
+        train_set=train_set, val_set=val_set, skipped=skipped,
+        val_labels=y_val.numpy(), val_probs=val_probs, val_embeddings=val_emb,
+        train_embeddings=train_emb, train_probs=train_probs,
+        history=history, timings=timings, best_epoch=best_epoch, device=str(device),
+    )
