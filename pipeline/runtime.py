@@ -145,7 +145,7 @@ class OnnxModel:
         scores = np.float32(1.0) - probs[:, self.metadata.good_index].astype(np.float32)
         labels = probs.argmax(1)
         return [Prediction(label=classes[int(k)], probabilities={c: float(p) for c, p in zip(classes, row)},
-                           defect_score=float(s), decision="defect" if s >= thr else "good")
+                           defect_score=float(s), decision="defect" if float(s) >= thr else "good")
                 for row, s, k in zip(probs, scores, labels)]
 
     def predict(self, images: list[np.ndarray]) -> list[Prediction]:

@@ -1,7 +1,9 @@
-"""`defect` commands for the serve area."""
+"""`defect` commands for the serve area: ``serve`` and ``results`` (defined in ``pipeline.serve.cli``)."""
 
 from __future__ import annotations
 
 import click
 
-commands: list[click.Command] = []
+from pipeline.serve.cli import results, serve
+
+commands: list[click.Command] = [serve, results]
