@@ -52,6 +52,7 @@ RECORD_FILE = "registry.json"
 MODEL_FILE = "model.onnx"
 INT8_MODEL_FILE = "model.int8.onnx"
 METRICS_FILE = "metrics.json"
+HEADLINE_METRIC = "balanced_accuracy"
 RECORD_SCHEMA = 1
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -285,7 +286,7 @@ class ModelVersion(BaseModel):
     model_created: datetime | None = None  # ``created`` from model.json (when it was exported)
     onnx_sha256: str
     files: dict[str, str] = Field(default_factory=dict)  # relative path -> sha256 at registration
-    metrics: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)  # headline metrics, see headline_metrics()
     note: str | None = None
     source: str | None = None  # the run folder it was registered from
     user: str | None = None
@@ -336,6 +337,25 @@ def _read_record(vdir: Path) -> dict[str, Any]:
     if not isinstance(record, dict) or not isinstance(record.get("files"), dict) or "onnx_sha256" not in record:
         raise IntegrityError(f"{p}: malformed registry record")
     return record
+
+
+def headline_metrics(model_metrics: Any, metrics_file: Any) -> dict[str, Any]:
+    """The metrics a version is listed and compared by.
+
+    ``model.json``'s ``metrics`` (the artefact contract) when they carry ``balanced_accuracy``;
+    else ``metrics.json`` when it is a flat evaluation dict; else its ``test``/``evaluation``/
+    ``validation`` section (a training run's summary nests them); else whatever is there.
+    """
+    candidates: list[Any] = [model_metrics, metrics_file]
+    if isinstance(metrics_file, dict):
+        candidates += [metrics_file.get(k) for k in ("test", "evaluation", "validation")]
+    for c in candidates:
+        if isinstance(c, dict) and HEADLINE_METRIC in c:
+            return c
+    for c in (model_metrics, metrics_file):
+        if isinstance(c, dict) and c:
+            return c
+    return {}
 
 
 def _copy_hashed(src: Path, dst: Path) -> str:
@@ -473,22 +493,20 @@ class Registry:
     def _load_version_info(self, line: str, version: str, champion: str | None) -> ModelVersion:
         vdir = model_dir(self.root, line, version)
         record = _read_record(vdir)
-        metrics: dict[str, Any] = {}
         model_created = None
         try:
             meta = json.loads((vdir / "model.json").read_text(encoding="utf-8"))
-            metrics = meta.get("metrics") or {}
             model_created = meta.get("created")
         except (OSError, ValueError) as e:
             raise IntegrityError(f"{line}/{version}: unreadable model.json: {e}") from e
+        metrics_file = None
         mpath = vdir / METRICS_FILE
         if mpath.is_file():
             try:
-                loaded = json.loads(mpath.read_text(encoding="utf-8"))
+                metrics_file = json.loads(mpath.read_text(encoding="utf-8"))
             except (OSError, ValueError) as e:
                 raise IntegrityError(f"{line}/{version}: unreadable {METRICS_FILE}: {e}") from e
-            if isinstance(loaded, dict):
-                metrics = loaded
+        metrics = headline_metrics(meta.get("metrics"), metrics_file)
         try:
             return ModelVersion(line=line, version=version, path=vdir, created=record["registered"],
                                 model_created=model_created, onnx_sha256=record["onnx_sha256"],

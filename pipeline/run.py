@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,15 +117,20 @@ def fit_drift_reference(result: TrainResult, out_dir: Path) -> Path:
     return path
 
 
-def run_training(cfg: RunConfig, progress: Progress | None = None) -> RunSummary:
-    """Train, pick the operating threshold, export with parity, fit the drift reference, write the report."""
+def run_training(cfg: RunConfig, progress: Progress | None = None, dataset: ImageFolder | None = None,
+                 init_checkpoint: str | os.PathLike | None = None) -> RunSummary:
+    """Train, pick the operating threshold, export with parity, fit the drift reference, write the report.
+
+    ``dataset``: train on this subset of ``cfg.data_dir`` (e.g. what a retrain keeps after holding out its
+    gate set). ``init_checkpoint``: warm-start from a previous model's ``checkpoint.npz`` (same classes).
+    """
     from pipeline import evaluate
-    from pipeline.train import train
+    from pipeline.train import CHECKPOINT_FILE, load_checkpoint, save_checkpoint, train
 
     t_start = time.perf_counter()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ds = scan_image_folder(cfg.data_dir)
+    ds = dataset if dataset is not None else scan_image_folder(cfg.data_dir)
     good = cfg.good_class or guess_good_class(ds.classes)
     if good not in ds.classes:
         raise ValueError(f"--good-class {good!r} is not a class folder of {cfg.data_dir} ({ds.classes})")
@@ -133,7 +139,9 @@ def run_training(cfg: RunConfig, progress: Progress | None = None) -> RunSummary
     manifest_hash = manifest_sha256(manifest["train"] + manifest["val"])
     write_json_atomic(out / "manifest.json", json.dumps(manifest, indent=1))
 
-    result = train(train_set, val_set, good, cfg.train, progress=progress)
+    init = load_checkpoint(init_checkpoint) if init_checkpoint else None
+    result = train(train_set, val_set, good, cfg.train, progress=progress, init_state=init)
+    save_checkpoint(result.model, out / CHECKPOINT_FILE)
     gi = result.classes.index(good)
     val_scores = 1.0 - result.val_probs[:, gi]
     threshold = fit_threshold(val_scores[result.val_labels == gi], cfg.target_frr)

@@ -118,6 +118,23 @@ class TrainResult:
     device: str = "cpu"
 
 
+CHECKPOINT_FILE = "checkpoint.npz"
+
+
+def save_checkpoint(model: DefectClassifier, path: str | os.PathLike) -> None:
+    """Weights as a plain ``.npz`` of arrays: loadable without pickle, copied by the registry."""
+    arrays = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    tmp = f"{path}.tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """State dict from ``save_checkpoint`` (``allow_pickle=False``: tensors only, never code)."""
+    with np.load(path, allow_pickle=False) as z:
+        return {k: torch.from_numpy(z[k].copy()) for k in z.files}
+
+
 def balanced_accuracy(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
     recalls = [float((pred[y == c] == c).mean()) for c in range(n_classes) if (y == c).any()]
     return float(np.mean(recalls)) if recalls else float("nan")

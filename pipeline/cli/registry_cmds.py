@@ -39,7 +39,7 @@ def _errors_to_click(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _fmt(v: Any, digits: int = 4) -> str:
+def _fmt(v: Any, digits: int = 3) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -48,21 +48,24 @@ def _fmt(v: Any, digits: int = 4) -> str:
 
 
 def _print_versions_table(versions: list[ModelVersion], title: str) -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
-    for col, kw in (("line", {}), ("version", {}), ("champion", {"justify": "center"}),
-                    ("created (UTC)", {}), ("bal. acc", {"justify": "right"}),
-                    ("recall@FRR", {"justify": "right"}), ("FRR", {"justify": "right"}),
-                    ("n", {"justify": "right"}), ("sha256", {}), ("note", {})):
-        table.add_column(col, **kw)
+    show_line = len({v.line for v in versions}) > 1
+    table = Table(title=title, box=box.SIMPLE_HEAD, caption="* champion; recall = defect recall at the operating FRR",
+                  pad_edge=False, collapse_padding=True)
+    cols = (["line"] if show_line else []) + ["version", "registered", "bal.acc", "recall", "FRR", "n",
+                                              "sha256", "note"]
+    for col in cols:
+        table.add_column(col, no_wrap=col in ("version", "registered", "sha256"),
+                         justify="right" if col in ("bal.acc", "recall", "FRR", "n") else "left")
     for v in versions:
         m = v.metrics
-        table.add_row(v.line, v.version, "★" if v.champion else "", v.created.strftime("%Y-%m-%d %H:%M"),
-                      _fmt(m.get("balanced_accuracy")), _fmt(m.get("defect_recall_at_frr")),
-                      _fmt(m.get("false_reject_rate")), _fmt(m.get("n_images")), v.onnx_sha256[:12],
-                      v.note or "")
+        row = [v.version + (" *" if v.champion else ""), v.created.strftime("%Y-%m-%d %H:%M"),
+               _fmt(m.get("balanced_accuracy")), _fmt(m.get("defect_recall_at_frr")),
+               _fmt(m.get("false_reject_rate")), _fmt(m.get("n_images")), v.onnx_sha256[:8], v.note or ""]
+        table.add_row(*([v.line] if show_line else []), *row)
     Console().print(table)
 
 
@@ -86,7 +89,7 @@ def list_cmd(line: str | None, registry_dir: str, as_json: bool) -> None:
     if not versions:
         click.echo(f"no models in registry {registry_dir}" + (f" for line {line!r}" if line else ""))
         return
-    _print_versions_table(versions, f"registry {registry_dir}")
+    _print_versions_table(versions, f"registry {registry_dir}" + (f", line {line}" if line else ""))
 
 
 @registry.command("show")
