@@ -141,7 +141,7 @@ def run_training(cfg: RunConfig, progress: Progress | None = None, dataset: Imag
 
     init = load_checkpoint(init_checkpoint) if init_checkpoint else None
     result = train(train_set, val_set, good, cfg.train, progress=progress, init_state=init)
-    save_checkpoint(result.model, out / CHECKPOINT_FILE)
+    save_checkpoint(result.model, out / CHECKPOINT_FILE, bn_source=result.bn_source)
     gi = result.classes.index(good)
     val_scores = 1.0 - result.val_probs[:, gi]
     threshold = fit_threshold(val_scores[result.val_labels == gi], cfg.target_frr)

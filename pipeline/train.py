@@ -116,14 +116,56 @@ class TrainResult:
     timings: dict[str, float] = field(default_factory=dict)
     best_epoch: int = 0
     device: str = "cpu"
+    bn_source: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 CHECKPOINT_FILE = "checkpoint.npz"
 
 
-def save_checkpoint(model: DefectClassifier, path: str | os.PathLike) -> None:
-    """Weights as a plain ``.npz`` of arrays: loadable without pickle, copied by the registry."""
+BN_SOURCE_PREFIX = "bn_source."
+
+
+@torch.no_grad()
+def bn_input_stats(model: nn.Module, images_u8: torch.Tensor, spec: PreprocessSpec, device: torch.device,
+                   batch: int = 32) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-channel mean and variance of every BatchNorm layer's *input* over these images (eval mode)."""
+    sums: dict[str, list] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            def hook(mod, args, name=name):
+                x = args[0].double()
+                acc = sums.setdefault(name, [0.0, 0.0, 0])
+                acc[0] = acc[0] + x.sum(dim=(0, 2, 3))
+                acc[1] = acc[1] + (x * x).sum(dim=(0, 2, 3))
+                acc[2] += x.shape[0] * x.shape[2] * x.shape[3]
+            hooks.append(m.register_forward_pre_hook(hook))
+    try:
+        model.eval()
+        for i in range(0, len(images_u8), batch):
+            x = torch_normalize(to_float_nchw(images_u8[i:i + batch]), spec).to(device)
+            model.features(x.contiguous(memory_format=torch.channels_last))
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for name, (s1, s2, n) in sums.items():
+        mean = s1 / n
+        out[name] = (mean.cpu().numpy(), (s2 / n - mean * mean).clamp(min=0).cpu().numpy())
+    return out
+
+
+def save_checkpoint(model: DefectClassifier, path: str | os.PathLike,
+                    bn_source: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+    """Weights as a plain ``.npz`` of arrays: loadable without pickle, copied by the registry.
+
+    ``bn_source``: BatchNorm input statistics on the training domain, which label-free adaptation
+    needs to map a new domain back onto what the head was trained on.
+    """
     arrays = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    for name, (mean, var) in (bn_source or {}).items():
+        arrays[f"{BN_SOURCE_PREFIX}{name}.mean"] = mean
+        arrays[f"{BN_SOURCE_PREFIX}{name}.var"] = var
     tmp = f"{path}.tmp.npz"
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
@@ -132,7 +174,18 @@ def save_checkpoint(model: DefectClassifier, path: str | os.PathLike) -> None:
 def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """State dict from ``save_checkpoint`` (``allow_pickle=False``: tensors only, never code)."""
     with np.load(path, allow_pickle=False) as z:
-        return {k: torch.from_numpy(z[k].copy()) for k in z.files}
+        return {k: torch.from_numpy(z[k].copy()) for k in z.files if not k.startswith(BN_SOURCE_PREFIX)}
+
+
+def load_bn_source(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The training-domain BatchNorm input statistics stored by ``save_checkpoint`` (empty if none)."""
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    with np.load(path, allow_pickle=False) as z:
+        for k in z.files:
+            if k.startswith(BN_SOURCE_PREFIX) and k.endswith(".mean"):
+                name = k[len(BN_SOURCE_PREFIX):-len(".mean")]
+                out[name] = (z[k].copy(), z[f"{BN_SOURCE_PREFIX}{name}.var"].copy())
+    return out
 
 
 def balanced_accuracy(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
@@ -363,6 +416,7 @@ def train(train_set: ImageFolder, val_set: ImageFolder, good_class: str, cfg: Tr
     t0 = time.perf_counter()
     val_emb, val_probs = embed(model, x_val, spec, device)
     train_emb, train_probs = embed(model, x_train, spec, device)
+    bn_source = bn_input_stats(model, x_train, spec, device)
     timings["final_embed_s"] = time.perf_counter() - t0
     model = model.cpu().to(memory_format=torch.contiguous_format)
     return TrainResult(
@@ -370,5 +424,5 @@ def train(train_set: ImageFolder, val_set: ImageFolder, good_class: str, cfg: Tr
         train_set=train_set, val_set=val_set, skipped=skipped,
         val_labels=y_val.numpy(), val_probs=val_probs, val_embeddings=val_emb,
         train_embeddings=train_emb, train_probs=train_probs,
-        history=history, timings=timings, best_epoch=best_epoch, device=str(device),
+        history=history, timings=timings, best_epoch=best_epoch, device=str(device), bn_source=bn_source,
     )

@@ -1,0 +1,182 @@
+"""HTTP API (FastAPI on uvicorn, in a background thread of the daemon).
+
+``POST /predict``  raw image bytes as the body, or multipart with one file -> the committed result
+                   (200; 422 when the image is unusable, the error row is still recorded;
+                   413 over ``max_upload_bytes``; 503 when the queue stays full for 5 s or the
+                   daemon stops).
+``GET /health``    model version/sha/provider, queue depth, uptime, source states.
+``GET /metrics``   Prometheus text.
+``GET /results``   ``?since=ISO8601&limit=N``: stored rows in time order (latest N without ``since``).
+
+Binds 127.0.0.1 unless told otherwise: there is no authentication, put a reverse proxy in front to
+expose it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import UploadFile
+
+from pipeline.serve.jobs import Job
+
+if TYPE_CHECKING:
+    from pipeline.serve.daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+
+class PayloadTooLarge(Exception):
+    pass
+
+
+async def read_body_limited(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) as soon as it exceeds ``limit`` bytes, declared or streamed."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def image_from_request(request: Request, body: bytes) -> tuple[bytes, str | None]:
+    """(image bytes, client file name) from a raw body or a multipart form with one file."""
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith("multipart/form-data"):
+        return body, None
+
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    form = await Request(request.scope, receive=replay).form(max_files=1, max_fields=16)
+    try:
+        files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+        if not files:
+            raise HTTPException(400, "multipart request without a file part")
+        return await files[0].read(), files[0].filename
+    finally:
+        await form.close()
+
+
+def _safe_name(name: str | None) -> str | None:
+    if not name:
+        return None
+    cleaned = "".join(c for c in name.replace("\\", "/").rsplit("/", 1)[-1] if c.isprintable())[:200]
+    return cleaned or None
+
+
+async def _submit_waiting(daemon: "Daemon", job: Job, patience_s: float) -> bool:
+    """Ride out a short burst (queue full for a moment) without blocking the event loop."""
+    deadline = asyncio.get_running_loop().time() + patience_s
+    while not daemon.submit(job, timeout=0):
+        if daemon.stopping or asyncio.get_running_loop().time() >= deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+def create_app(daemon: "Daemon") -> FastAPI:
+    """The API bound to one daemon (no module-level state)."""
+    app = FastAPI(title="defect-pipeline inference daemon", docs_url=None, redoc_url=None, openapi_url=None)
+    settings = daemon.settings
+
+    @app.post("/predict")
+    async def predict(request: Request) -> JSONResponse:
+        try:
+            body = await read_body_limited(request, settings.max_upload_bytes)
+        except PayloadTooLarge:
+            daemon.metrics.rejected.labels("too_large").inc()
+            return JSONResponse({"detail": f"upload larger than {settings.max_upload_bytes} bytes"}, 413)
+        data, filename = await image_from_request(request, body)
+        name = _safe_name(filename)
+        future: Future = Future()
+        job = Job(source=f"http:{name}" if name else "http", kind="http", data=data, future=future)
+        if not await _submit_waiting(daemon, job, min(settings.request_timeout_s, 5.0)):
+            daemon.metrics.rejected.labels("busy").inc()
+            reason = "daemon is shutting down" if daemon.stopping else "queue full"
+            return JSONResponse({"detail": reason}, 503, headers={"Retry-After": "1"})
+        try:
+            row = await asyncio.wait_for(asyncio.wrap_future(future), timeout=settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            return JSONResponse({"detail": "timed out waiting for the result"}, 504)
+        except RuntimeError as exc:
+            return JSONResponse({"detail": str(exc)}, 503)
+        return JSONResponse(row.as_dict(), 200 if row.ok else 422)
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return daemon.health()
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(daemon.metrics.render(), media_type=daemon.metrics.content_type)
+
+    @app.get("/results")
+    def results(since: str | None = None, limit: int = Query(100, ge=0, le=10_000)) -> list[dict[str, Any]]:
+        try:
+            rows = daemon.store.query(since=since, limit=limit)
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from None
+        return [r.as_dict() for r in rows]
+
+    return app
+
+
+class HttpServer:
+    """uvicorn in a background thread; the main thread keeps the signals."""
+
+    def __init__(self, daemon: "Daemon", host: str, port: int):
+        self.host, self.port = host, port
+        s = daemon.settings
+        config = uvicorn.Config(create_app(daemon), host=host, port=port, log_config=None, access_log=False,
+                                lifespan="off", timeout_graceful_shutdown=int(s.drain_timeout_s) + 5,
+                                server_header=False)
+        self.server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Start serving; raise if the address cannot be bound."""
+        self._thread = threading.Thread(target=self._serve, name="http", daemon=True)
+        self._thread.start()
+        waited = 0.0
+        while not self.server.started:
+            if not self._thread.is_alive() or waited > timeout:
+                raise RuntimeError(f"HTTP server could not start on {self.host}:{self.port} (address in use?)")
+            self._thread.join(0.05)
+            waited += 0.05
+        if self.port == 0:
+            sock = self.server.servers[0].sockets[0]
+            self.port = sock.getsockname()[1]
+        log.info("HTTP API on http://%s:%d", self.host, self.port, extra={"event": "http_started"})
+
+    def _serve(self) -> None:
+        try:
+            self.server.run()
+        except SystemExit:  # uvicorn exits on bind errors; report through `alive`
+            pass
+        except Exception:
+            log.exception("HTTP server crashed")
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def begin_shutdown(self) -> None:
+        """Stop accepting connections; requests in flight still get their answers."""
+        self.server.should_exit = True
+
+    def join(self, timeout: float = 60.0) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
