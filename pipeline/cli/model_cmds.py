@@ -161,25 +161,22 @@ commands += [train, evaluate, predict]
 @click.option("--workdir", default="demo", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--seed", default=0, show_default=True, type=int)
 def demo(workdir: Path, seed: int) -> None:
-    """Run the loop on generated line images and print a summary (no data or network needed)."""
+    """The closed loop on generated images: train, serve, lamp change, drift alarm, re-adapt, gate, hot-swap."""
     from pipeline.demo import DemoConfig, run_demo
 
+    say = lambda msg: click.secho(f"[demo] {msg}", fg="cyan", err=True)  # noqa: E731
     with progress_bar() as update:
-        s = run_demo(DemoConfig(workdir=workdir, seed=seed), progress=update)
-    v, t = s.validation, s.test
+        s = run_demo(DemoConfig(workdir=workdir, seed=seed), progress=update, say=say)
     click.echo("")
-    click.secho("defect-pipeline demo", bold=True)
-    click.echo(f"  model        {s.run_dir / 'model.onnx'}  (report: {s.run_dir / 'report.html'})")
-    click.echo(f"  validation   balanced accuracy {v['balanced_accuracy']:.3f}, defect recall {v['defect_recall_at_frr']:.3f}"
-               f" at false-reject rate {v['false_reject_rate']:.3f}")
-    click.echo(f"  unseen test  balanced accuracy {t['balanced_accuracy']:.3f}, defect recall {t['defect_recall_at_frr']:.3f}"
-               f" at false-reject rate {t['false_reject_rate']:.3f} on {t['n_images']} images"
-               f"  (report: {s.eval_dir / 'report.html'})")
-    for p in s.predictions:
-        click.echo(f"  predict      {Path(p['path']).parent.name}/{Path(p['path']).name} -> {p['class']}"
-                   f" (defect score {p['defect_score']:.3f}, {p['decision']})")
-    click.echo("  time         " + ", ".join(f"{k} {v:.1f}s" for k, v in s.timings.items() if not k.startswith("train.")
-                                            or k == "train.total_s"))
+    click.secho("defect-pipeline demo: summary", bold=True)
+    for name, m in s.metrics.items():
+        click.echo(f"  {name:<28} balanced accuracy {m['balanced_accuracy']:.3f}, defect recall "
+                   f"{m['defect_recall_at_frr']:.3f} at false-reject rate {m['false_reject_rate']:.3f}")
+    click.echo(f"  drift alarm after  {s.images_to_alarm} images of the new lamp")
+    click.echo(f"  re-adaptation      {s.v2} {'promoted' if s.promoted else 'NOT promoted'} over {s.v1}"
+               + (f"; serving {s.alarm_to_swap_s:.0f} s after the alarm" if s.alarm_to_swap_s else ""))
+    click.echo(f"  exactly once       {s.n_streamed} images streamed, {s.n_results} with one result each")
+    click.echo(f"  report             {s.report}")
 
 
 commands.append(demo)
