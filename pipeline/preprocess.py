@@ -8,11 +8,12 @@ the normalisation to float NCHW exists in numpy (runtime) and torch (training, s
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import cv2
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 _INTERP = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
 
@@ -31,10 +32,25 @@ class PreprocessSpec(BaseModel):
     mean: tuple[float, float, float] = (127.0, 127.0, 127.0)
     std: tuple[float, float, float] = (128.0, 128.0, 128.0)
 
+    @field_validator("mean")
+    @classmethod
+    def _finite_mean(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if not all(math.isfinite(m) for m in v):
+            raise ValueError(f"mean must be finite, got {v}")
+        return v
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        """A zero std would turn every input into inf/nan without any error downstream."""
+        if not all(math.isfinite(s) and s > 0 for s in v):
+            raise ValueError(f"std must be finite and > 0, got {v}")
+        return v
+
 
 def resize_image(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """Resize an HxWx3 uint8 RGB image to the spec's size (stretch or letterbox)."""
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
         raise ValueError(f"expected HxWx3 uint8 RGB, got shape {image.shape} dtype {image.dtype}")
     h, w = image.shape[:2]
     interp = _INTERP[spec.interpolation]
@@ -53,6 +69,8 @@ def resize_image(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
 def normalize(batch: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """NHWC uint8 (or float in 0..255) -> NCHW float32, normalised per channel."""
+    if batch.ndim != 4 or batch.shape[3] != 3:
+        raise ValueError(f"expected an NHWC batch with 3 channels, got shape {batch.shape}")
     mean = np.asarray(spec.mean, dtype=np.float32)
     inv_std = 1.0 / np.asarray(spec.std, dtype=np.float32)
     x = (batch.astype(np.float32) - mean) * inv_std

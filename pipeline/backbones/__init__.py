@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,13 +73,32 @@ def lite_weights_path(name: str) -> Path:
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors only: ``weights_only=True`` refuses pickled code in untrusted files."""
+    """Tensors only: ``weights_only=True`` refuses pickled code in untrusted files.
+
+    Raises MissingWeightsError for a missing file and ValueError for one that is not a plain state dict.
+    """
     p = Path(path)
     if not p.is_file():
         raise MissingWeightsError(f"weights file not found: {p}")
-    state = torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = str(exc).split("WeightsUnpickler error:", 1)[-1].strip().split("\n")[0]
+        if "Unsupported global" in detail:  # pickled classes/functions: refused, never executed
+            name = detail.split("GLOBAL", 1)[-1].split(" was not", 1)[0].strip()
+            raise ValueError(f"cannot load weights from {p}: it holds pickled Python objects ({name}), not just "
+                             "tensors; weights are only loaded with weights_only=True, so re-save them with "
+                             "torch.save(model.state_dict(), path)") from None
+        raise ValueError(f"cannot load weights from {p}: not a torch state dict file ({detail[:200]})") from None
+    except (RuntimeError, EOFError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"cannot load weights from {p}: not a torch state dict file "
+                         f"({type(exc).__name__}: {first})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ValueError(f"{p} does not hold a state dict (a mapping of names to tensors)")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 

@@ -91,7 +91,22 @@ class EfficientNetLite(nn.Module):
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, torch.Tensor]) -> "EfficientNetLite":
-        """Build the architecture the state dict describes and load it strictly."""
+        """Build the architecture the state dict describes and load it strictly.
+
+        Raises ValueError when the state dict is not an EfficientNet-Lite one (another architecture's
+        weights given with ``--weights``, say), instead of a bare KeyError from deep inside.
+        """
+        required = ("_conv_stem.weight", "_conv_head.weight", "_fc.weight", "_blocks.0._depthwise_conv.weight")
+        missing = [k for k in required if k not in state]
+        if missing:
+            raise ValueError(f"not an EfficientNet-Lite state dict: missing {', '.join(missing)}")
+        try:
+            return cls._from_state_dict(state)
+        except (KeyError, IndexError, RuntimeError) as exc:
+            raise ValueError(f"state dict does not match an EfficientNet-Lite layout: {exc}") from None
+
+    @classmethod
+    def _from_state_dict(cls, state: Mapping[str, torch.Tensor]) -> "EfficientNetLite":
         n_blocks = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("_blocks."))
         blocks, stage, prev_out = [], -1, None
         in_ch = state["_conv_stem.weight"].shape[0]

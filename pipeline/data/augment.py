@@ -35,7 +35,13 @@ class AugmentConfig(BaseModel):
 
 
 def torch_normalize(x: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
-    """NCHW float in 0..255 -> normalised NCHW, identical to ``pipeline.preprocess.normalize``."""
+    """NCHW float in 0..255 -> normalised NCHW, identical to ``pipeline.preprocess.normalize``.
+
+    Integer input (uint8 straight from ``load_images``) is taken as float32 first, as the numpy side
+    does; subtracting the mean in uint8 would wrap around silently.
+    """
+    if not x.is_floating_point():
+        x = x.float()
     mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     inv_std = 1.0 / torch.tensor(spec.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     return (x - mean) * inv_std.to(x.dtype)

@@ -8,6 +8,7 @@ A pixel limit guards against decompression bombs before OpenCV allocates the ful
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -73,10 +74,111 @@ def to_rgb_uint8(img: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(img[:, :, 2::-1][:, :, :3])
 
 
+def _u16(b: bytes, i: int, big: bool) -> int:
+    return int.from_bytes(b[i:i + 2], "big" if big else "little")
+
+
+def _u32(b: bytes, i: int, big: bool) -> int:
+    return int.from_bytes(b[i:i + 4], "big" if big else "little")
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        m = data[i + 1]
+        if m == 0xFF:  # fill byte
+            i += 1
+            continue
+        if m in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            i += 2
+            continue
+        if m in (0xD9, 0xDA):  # end of image / start of scan before any frame header
+            return None
+        seg = _u16(data, i + 2, True)
+        if 0xC0 <= m <= 0xCF and m not in (0xC4, 0xC8, 0xCC) and i + 9 <= n:
+            return _u16(data, i + 7, True), _u16(data, i + 5, True)
+        i += 2 + seg
+    return None
+
+
+def _tiff_size(data: bytes) -> tuple[int, int] | None:
+    big = data[:2] == b"MM"
+    ifd = _u32(data, 4, big)
+    if ifd + 2 > len(data):
+        return None
+    dims: dict[int, int] = {}
+    for k in range(min(_u16(data, ifd, big), 512)):
+        e = ifd + 2 + 12 * k
+        if e + 12 > len(data):
+            break
+        tag, typ = _u16(data, e, big), _u16(data, e + 2, big)
+        if tag in (256, 257):
+            dims[tag] = _u16(data, e + 8, big) if typ == 3 else _u32(data, e + 8, big)
+    return (dims[256], dims[257]) if len(dims) == 2 else None
+
+
+def _pnm_size(data: bytes) -> tuple[int, int] | None:
+    head = re.sub(rb"#[^\n]*", b" ", data[2:512])
+    nums = re.match(rb"\s+(\d+)\s+(\d+)", head)
+    return (int(nums.group(1)), int(nums.group(2))) if nums else None
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header of common formats, without decoding; None when unknown.
+
+    Lets the pixel limit refuse a decompression bomb before OpenCV allocates it: OpenCV's own
+    limit is read once when cv2 loads, so it only holds if this module was imported first.
+    """
+    if len(data) < 26:
+        return None
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+        return _u32(data, 16, True), _u32(data, 20, True)
+    if data[:2] == b"\xff\xd8":
+        return _jpeg_size(data)
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return _u16(data, 6, False), _u16(data, 8, False)
+    if data[:2] == b"BM":
+        if _u32(data, 14, False) == 12:
+            return _u16(data, 18, False), _u16(data, 20, False)
+        w, h = (int.from_bytes(data[i:i + 4], "little", signed=True) for i in (18, 22))
+        return abs(w), abs(h)
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return _tiff_size(data)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 30:
+        fourcc = data[12:16]
+        if fourcc == b"VP8X":
+            return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
+        if fourcc == b"VP8 ":
+            return _u16(data, 26, False) & 0x3FFF, _u16(data, 28, False) & 0x3FFF
+        if fourcc == b"VP8L":
+            bits = _u32(data, 21, False)
+            return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+        return None
+    if data[:1] == b"P" and data[1:2] in b"123456fF":
+        return _pnm_size(data)
+    return None
+
+
+def _truncation_hint(data: bytes) -> str:
+    """Why a PNG/JPEG that failed to decode looks cut short (a file still being written, say)."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data[-64:]:
+        return "; looks truncated: PNG has no IEND chunk (file still being written?)"
+    if data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
+        return "; looks truncated: JPEG has no end-of-image marker (file still being written?)"
+    return ""
+
+
 def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Encoded image bytes -> HxWx3 uint8 RGB. Raises ImageDecodeError with a reason."""
     if not data:
         raise ImageDecodeError("empty", "empty file")
+    data = bytes(data)
+    size = _header_size(data)
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise ImageDecodeError("too_large", f"image header says {size[0]}x{size[1]} = {size[0] * size[1]} pixels, "
+                                            f"limit is {max_pixels}")
     buf = np.frombuffer(data, dtype=np.uint8)
     try:
         img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
@@ -85,7 +187,8 @@ def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         kind = "too_large" if "pixels" in msg.lower() or "size" in msg.lower() else "undecodable"
         raise ImageDecodeError(kind, f"cannot decode image: {msg}") from None
     if img is None:
-        raise ImageDecodeError("undecodable", "not an image OpenCV can decode (corrupt, truncated or unknown format)")
+        raise ImageDecodeError("undecodable", "not an image OpenCV can decode (corrupt, truncated or unknown format)"
+                               + _truncation_hint(data))
     if img.shape[0] * img.shape[1] > max_pixels:
         raise ImageDecodeError("too_large", f"image has {img.shape[0] * img.shape[1]} pixels, limit is {max_pixels}")
     return to_rgb_uint8(img)

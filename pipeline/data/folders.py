@@ -80,8 +80,15 @@ def scan_image_folder(root: str | os.PathLike, classes: list[str] | None = None)
         folder = root / name
         if not folder.is_dir():
             continue
+        seen = {os.path.realpath(folder)}  # a symlink loop would otherwise list the same files dozens of times
         for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            keep = []
+            for d in sorted(dirnames):
+                real = os.path.realpath(os.path.join(dirpath, d))
+                if not d.startswith(".") and real not in seen:
+                    seen.add(real)
+                    keep.append(d)
+            dirnames[:] = keep
             for fn in sorted(filenames):
                 if not fn.startswith(".") and Path(fn).suffix.lower() in IMAGE_EXTENSIONS:
                     samples.append(Sample(Path(dirpath) / fn, label))
@@ -103,6 +110,8 @@ def stratified_split(ds: ImageFolder, fraction: float, seed: int, min_per_class:
                      ) -> tuple[ImageFolder, ImageFolder]:
     """Split into (rest, held_out) with ``fraction`` of each class held out (at least ``min_per_class``
     where the class has two or more images)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"held-out fraction must be in [0, 1), got {fraction}")
     rng = random.Random(seed)
     rest, held = [], []
     for label in range(len(ds.classes)):
@@ -120,6 +129,8 @@ def stratified_split(ds: ImageFolder, fraction: float, seed: int, min_per_class:
 
 def sample_shots(ds: ImageFolder, shots: int, seed: int) -> tuple[ImageFolder, ImageFolder]:
     """K images per class for training; everything else is returned as the remainder."""
+    if shots < 1:
+        raise ValueError(f"shots must be at least 1, got {shots}")
     rng = random.Random(seed)
     picked, rest = [], []
     for label in range(len(ds.classes)):
