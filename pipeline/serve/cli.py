@@ -50,6 +50,16 @@ def _settings_error(exc: Exception) -> click.UsageError:
 @click.option("--drain-timeout", "drain_timeout_s", type=float, help="on SIGTERM, time to finish accepted images [30]")
 @click.option("--exit-when-done/--no-exit-when-done", default=None,
               help="exit once the video file ended / the hot folder is empty (batch mode)")
+@click.option("--drift/--no-drift", default=None,
+              help="monitor drift against the model's reference (on when the model has one) [on]")
+@click.option("--emit-events/--no-emit-events", "emit_prefect_events", default=None,
+              help="send defect.drift.detected to Prefect (PREFECT_API_URL) when a drift episode starts [off]")
+@click.option("--event-min-interval", "drift_event_min_interval_s", type=float,
+              help="at most one drift event per this many seconds [1800]")
+@click.option("--recent-dir", type=click.Path(file_okay=False),
+              help="keep a bounded sample of recent scored images here (what re-adaptation learns from)")
+@click.option("--recent-every", type=int, help="keep 1 of every N scored images [10]")
+@click.option("--recent-max-images", type=int, help="images kept in --recent-dir [500]")
 @click.option("--observer", "observers", multiple=True, help="'module:factory' batch observer (repeatable)")
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="log lines as text or JSON [text]")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))

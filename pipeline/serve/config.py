@@ -63,6 +63,20 @@ class ServeSettings(BaseSettings):
     opencv_threads: int = Field(1, ge=0, description="OpenCV's own thread pool; 1 because decode threads "
                                                     "already run in parallel")
 
+    # Drift monitoring (pipeline.serve.drift) and the recent-image sample re-adaptation learns from.
+    drift: bool = Field(True, description="monitor drift against the model's reference (models without "
+                                          "one are served unmonitored, with a warning)")
+    emit_prefect_events: bool = Field(False, description="send defect.drift.detected to Prefect "
+                                      "(PREFECT_API_URL) when an alarm episode starts")
+    drift_event_min_interval_s: float = Field(1800.0, ge=0.0, description="at most one drift event per this "
+                                              "many seconds, whatever the episodes (a flapping stream must not "
+                                              "start many re-adaptations)")
+    recent_dir: Path | None = Field(None, description="keep a bounded sample of recent scored images here")
+    recent_every: int = Field(10, ge=1, description="keep 1 of every N scored images")
+    recent_max_images: int = Field(500, ge=1)
+    recent_max_age_days: float = Field(14.0, gt=0.0)
+    recent_max_mb: float = Field(1024.0, gt=0.0, description="disk budget of the sample")
+
     # Lifecycle.
     request_timeout_s: float = Field(30.0, gt=0.0)
     drain_timeout_s: float = Field(30.0, ge=0.0, description="on SIGTERM, how long to finish accepted images")

@@ -16,6 +16,11 @@ Never losing an image: a folder file leaves the folder only after its row is com
 that fails is retried (the file stays, and if the daemon stops first it is redone at the next start);
 HTTP callers get their answer only after the commit. Never crashing on one: every per-image failure
 (decode, inference, observer) becomes an error row or a log line, not an exception in a loop.
+
+Drift monitoring (``pipeline.serve.drift.DriftObserver``) is one more observer; the decode workers
+add the full-image statistics it needs. The recent-image sample (``pipeline.serve.recent``) gets
+one of every N newly committed, successfully scored images from the committer, before the payload
+is released.
 """
 
 from __future__ import annotations
@@ -38,10 +43,12 @@ import numpy as np
 from pipeline.preprocess import normalize
 from pipeline.runtime import Prediction
 from pipeline.serve.config import ServeSettings
+from pipeline.serve.drift import IMAGE_STATS_KEY, MODEL_KEY, DriftObserver, EventEmitter, full_image_statistics
 from pipeline.serve.jobs import Job, prepare, preprocess_job
 from pipeline.serve.metrics import ServeMetrics
 from pipeline.serve.models import LoadedModel, ModelHolder, resolve_model_arg, runtime_options
 from pipeline.serve.observers import BatchObserver, BatchResult, ImageResult, ObserverDispatcher, load_observer
+from pipeline.serve.recent import RecentSample
 from pipeline.serve.store import ResultRow, ResultStore, utc_iso
 
 log = logging.getLogger(__name__)
@@ -60,7 +67,9 @@ class ScoredBatch:
 class Daemon:
     """One serving process: owns the model, the store, the metrics and the sources."""
 
-    def __init__(self, settings: ServeSettings, observers: Sequence[BatchObserver] = ()):
+    def __init__(self, settings: ServeSettings, observers: Sequence[BatchObserver] = (),
+                 event_emitter: EventEmitter | None = None):
+        """``event_emitter`` replaces the Prefect transport of drift events (tests, other buses)."""
         self.settings = settings
         self.metrics = ServeMetrics()
         locator = resolve_model_arg(settings.model, settings.line)
@@ -69,6 +78,18 @@ class Daemon:
                                   settings.require_checksum, settings.infer_batch)
         self.store = ResultStore(settings.db)
         extra = [load_observer(spec, settings) for spec in settings.observers]
+        self.drift: DriftObserver | None = None
+        if settings.drift:
+            self.drift = DriftObserver.for_daemon(settings, self.metrics, self.store, event_emitter)
+            self.drift.prepare(self.holder.current)  # a missing reference is reported now, not at the 1st image
+            extra.append(self.drift)
+        self._drift_stats: dict[int, np.ndarray] = {}  # job seq -> full-image drift statistics
+        self.recent: RecentSample | None = None
+        if settings.recent_dir is not None:
+            self.recent = RecentSample(settings.recent_dir, every=settings.recent_every,
+                                       max_images=settings.recent_max_images,
+                                       max_age_s=settings.recent_max_age_days * 86400.0,
+                                       max_bytes=int(settings.recent_max_mb * 1024 * 1024), metrics=self.metrics)
         self.dispatcher = ObserverDispatcher([*observers, *extra], self.metrics)
         self._ready: queue.Queue[Job | None] = queue.Queue()
         self._scored: queue.Queue[ScoredBatch | None] = queue.Queue(maxsize=2)
@@ -117,12 +138,25 @@ class Daemon:
         try:
             s = self.settings
             prepare(job, self.holder.current.spec, s.max_pixels, s.max_file_bytes, self.store)
+            if job.ready and self.drift is not None and self.drift.wants_image_stats:
+                self._drift_image_stats(job)
         except BaseException as exc:  # prepare() does not raise; this is the last line of defence
             job.fail("internal_error", f"{type(exc).__name__}: {exc}")
         finally:
             with self._count_lock:
                 self._decoding -= 1
             self._ready.put(job)
+
+    def _drift_image_stats(self, job: Job) -> None:
+        """Drift statistics of the full decoded image (the reference's are of full images too).
+
+        Decodes the payload a second time: ``prepare`` keeps only the model-size image. Costs one
+        decode per image while drift monitoring is on (see the module docs of pipeline.serve.drift).
+        """
+        try:
+            self._drift_stats[job.seq] = full_image_statistics(job.data, job.frame, self.settings.max_pixels)
+        except Exception as exc:  # the image scored fine; it is just left out of the drift stream
+            log.debug("drift statistics of %s failed: %s", job.source, exc)
 
     # -- batching + inference ---------------------------------------------------------------------------
     def _batch_loop(self) -> None:
@@ -246,9 +280,11 @@ class Daemon:
                 self._complete(j, None, error="daemon stopped before the result could be stored")
             return
         by_job: dict[int, ResultRow] = {}
+        fresh: set[int] = set()
         for (i, row), got in zip(new, stored):
             by_job[i] = got
             if got is row:  # newly inserted (not a conflict with an earlier row)
+                fresh.add(i)
                 job = sb.jobs[i]
                 self.metrics.images.labels(row.decision, job.kind).inc()
                 if row.error_kind:
@@ -259,6 +295,7 @@ class Daemon:
                 if row.latency_ms is not None:
                     self.metrics.latency.observe(row.latency_ms / 1000.0)
         items: list[ImageResult] = []
+        drift_stats: list[np.ndarray | None] = []
         for i, j in enumerate(sb.jobs):
             row = by_job.get(i, j.existing)
             if i in by_job:
@@ -266,12 +303,19 @@ class Daemon:
                 items.append(ImageResult(source=j.source, sha256=j.sha256, stats=j.stats, image=j.image,
                                          embedding=out[1] if out else None, prediction=out[0] if out else None,
                                          error_kind=j.error_kind, row_id=row.id if row else None))
+                drift_stats.append(self._drift_stats.get(j.seq))
+                if self.recent is not None and out is not None and i in fresh and not row.error_kind:
+                    self.recent.offer(j.source, j.sha256, data=j.data, frame=j.frame)
             self._complete(j, row)
         if items:
             md = sb.model.metadata
+            extra: dict[str, Any] = {}
+            if self.drift is not None:
+                extra = {MODEL_KEY: sb.model, IMAGE_STATS_KEY: tuple(drift_stats)}
             self.dispatcher.publish(BatchResult(model_version=sb.model.version, model_sha256=sb.model.sha256,
                                                 classes=tuple(md.classes), items=tuple(items),
-                                                inference_ms=sb.inference_s * 1000.0, line=self.settings.line))
+                                                inference_ms=sb.inference_s * 1000.0, line=self.settings.line,
+                                                extra=extra))
 
     def _insert_with_retry(self, rows: list[ResultRow]) -> list[ResultRow] | None:
         delay = 0.25
@@ -309,6 +353,7 @@ class Daemon:
                 except InvalidStateError:  # the HTTP client timed out and cancelled it: the row stands
                     pass
             job.data = job.frame = job.image = None
+            self._drift_stats.pop(job.seq, None)
             with self._count_lock:
                 self._depth -= 1
                 self.metrics.queue_depth.set(self._depth)
@@ -392,7 +437,11 @@ class Daemon:
         if self.http is not None:
             self.http.join()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.recent is not None:
+            self.recent.close()
         self.dispatcher.stop()
+        if self.drift is not None:
+            self.drift.close()
         self.holder.stop()
         self.store.close()
         log.info("stopped", extra={"event": "stopped"})
@@ -447,4 +496,6 @@ class Daemon:
             "uptime_s": round(time.monotonic() - self.started_monotonic, 3),
             "line": self.settings.line, "db": str(self.store.path), "pid": os.getpid(),
             "python": sys.version.split()[0], "sources": sources,
+            "drift": self.drift.state() if self.drift is not None else {"enabled": False},
+            "recent": self.recent.state() if self.recent is not None else None,
         }

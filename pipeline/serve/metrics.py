@@ -51,6 +51,24 @@ class ServeMetrics:
                                      "commit failed (retried)", registry=r)
         self.rejected = Counter("defect_rejected", "Requests refused before scoring, by reason", ["reason"],
                                 registry=r)
+        # Drift monitoring (pipeline.serve.drift); labelled by detector, a fixed set of eight.
+        self.drift_score = Gauge("defect_drift_score", "Latest drift score of the current model's monitor",
+                                 ["detector"], registry=r)
+        self.drift_threshold = Gauge("defect_drift_threshold", "Calibrated alarm threshold of each drift "
+                                     "detector", ["detector"], registry=r)
+        self.drift_alarm = Gauge("defect_drift_alarm", "1 while the deciding drift detector is in an alarm "
+                                 "episode", ["detector"], registry=r)
+        self.drift_episodes = Counter("defect_drift_episodes", "Drift alarm episodes started", ["detector"],
+                                      registry=r)
+        self.drift_images = Counter("defect_drift_images", "Scored images fed to the drift monitor", registry=r)
+        self.drift_prefect_events = Counter("defect_drift_prefect_events", "defect.drift.detected events, by "
+                                            "outcome (sent, failed, suppressed, off, dropped)", ["outcome"],
+                                            registry=r)
+        self.recent_saved = Counter("defect_recent_saved", "Images written to the recent-image sample", registry=r)
+        self.recent_dropped = Counter("defect_recent_dropped", "Recent-sample images not written (writer "
+                                      "busy or failed)", registry=r)
+        self.recent_files = Gauge("defect_recent_files", "Images in the recent-image sample", registry=r)
+        self.recent_bytes = Gauge("defect_recent_bytes", "Bytes in the recent-image sample", registry=r)
         self._model_labels: tuple[str, str, str] | None = None
         self._lock = threading.Lock()
 

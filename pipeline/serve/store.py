@@ -21,6 +21,9 @@ WAL on every commit; since a commit covers a whole batch, the cost is one fsync 
 
 HTTP and camera rows have no idempotency key (NULL; UNIQUE allows many NULLs): an HTTP client gets
 its answer only after the commit, a camera frame is observed once.
+
+The ``drift_events`` table holds the drift monitor's alarms, their ends and periodic scores
+(``pipeline.serve.drift``); it is additive, so the schema version stays 1.
 """
 
 from __future__ import annotations
@@ -54,6 +57,24 @@ CREATE TABLE IF NOT EXISTS results (
     error_message  TEXT
 );
 CREATE INDEX IF NOT EXISTS results_ts ON results(ts);
+CREATE TABLE IF NOT EXISTS drift_events (  -- written by the drift monitor (pipeline.serve.drift)
+    id             INTEGER PRIMARY KEY,
+    ts             TEXT    NOT NULL,   -- UTC, same format as results.ts
+    kind           TEXT    NOT NULL,   -- alarm_started | alarm_ended | score (periodic)
+    model_version  TEXT,
+    model_sha256   TEXT,
+    detector       TEXT    NOT NULL,   -- the detector that decides alarms
+    score          REAL,
+    threshold      REAL,
+    alarm          INTEGER NOT NULL,   -- 1: score above threshold on this evaluation
+    in_episode     INTEGER NOT NULL,   -- 1: an alarm episode is open after this evaluation
+    episode        INTEGER NOT NULL,   -- episodes started so far for this model
+    n_seen         INTEGER NOT NULL,   -- images the monitor has seen for this model
+    prefect_event  TEXT,               -- alarm_started: emit | suppressed (minimum interval) | off
+    event_id       TEXT,               -- id of the defect.drift.detected event when emitted
+    scores         TEXT                -- JSON {detector: score}
+);
+CREATE INDEX IF NOT EXISTS drift_events_ts ON drift_events(ts);
 """
 
 _COLUMNS = ("ts", "source", "idem_key", "sha256", "model_version", "class", "probabilities", "defect_score",
@@ -120,6 +141,51 @@ class ResultRow:
                    probabilities=json.loads(r["probabilities"]) if r["probabilities"] else None,
                    defect_score=r["defect_score"], decision=r["decision"], latency_ms=r["latency_ms"],
                    error_kind=r["error_kind"], error_message=r["error_message"])
+
+
+_DRIFT_COLUMNS = ("ts", "kind", "model_version", "model_sha256", "detector", "score", "threshold", "alarm",
+                  "in_episode", "episode", "n_seen", "prefect_event", "event_id", "scores")
+
+
+@dataclass
+class DriftEventRow:
+    """One drift monitor status change (or periodic score) as stored in ``drift_events``."""
+
+    ts: str
+    kind: str
+    detector: str
+    score: float | None
+    threshold: float | None
+    alarm: bool
+    in_episode: bool
+    episode: int
+    n_seen: int
+    model_version: str | None = None
+    model_sha256: str | None = None
+    prefect_event: str | None = None
+    event_id: str | None = None
+    scores: dict[str, float | None] | None = None
+    id: int | None = field(default=None)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "ts": self.ts, "kind": self.kind, "model_version": self.model_version,
+                "model_sha256": self.model_sha256, "detector": self.detector, "score": self.score,
+                "threshold": self.threshold, "alarm": self.alarm, "in_episode": self.in_episode,
+                "episode": self.episode, "n_seen": self.n_seen, "prefect_event": self.prefect_event,
+                "event_id": self.event_id, "scores": self.scores}
+
+    def _values(self) -> tuple:
+        return (self.ts, self.kind, self.model_version, self.model_sha256, self.detector, self.score,
+                self.threshold, int(self.alarm), int(self.in_episode), self.episode, self.n_seen,
+                self.prefect_event, self.event_id, json.dumps(self.scores) if self.scores is not None else None)
+
+    @classmethod
+    def from_sql(cls, r: sqlite3.Row) -> "DriftEventRow":
+        return cls(id=r["id"], ts=r["ts"], kind=r["kind"], model_version=r["model_version"],
+                   model_sha256=r["model_sha256"], detector=r["detector"], score=r["score"],
+                   threshold=r["threshold"], alarm=bool(r["alarm"]), in_episode=bool(r["in_episode"]),
+                   episode=r["episode"], n_seen=r["n_seen"], prefect_event=r["prefect_event"],
+                   event_id=r["event_id"], scores=json.loads(r["scores"]) if r["scores"] else None)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -194,6 +260,22 @@ class ResultStore:
                 raise
         return out
 
+    def insert_drift_event(self, row: DriftEventRow) -> DriftEventRow:
+        """Append one drift monitor row (its own small transaction; a few per hour)."""
+        sql = (f"INSERT INTO drift_events ({', '.join(_DRIFT_COLUMNS)}) "
+               f"VALUES ({', '.join('?' * len(_DRIFT_COLUMNS))}) RETURNING id")
+        with self._write_lock:
+            row.id = int(self._write.execute(sql, row._values()).fetchone()[0])
+        return row
+
+    def last_drift_emit_ts(self) -> str | None:
+        """Time of the latest alarm that was sent to Prefect (so a restart keeps the minimum interval)."""
+        r = self._reader().execute("SELECT MAX(ts) FROM drift_events WHERE prefect_event = 'emit'").fetchone()
+        return r[0] if r else None
+
+    def drift_events(self, since: str | None = None, limit: int = 100) -> list[DriftEventRow]:
+        return query_drift_events(self._reader(), since, limit)
+
     def get_by_key(self, idem_key: str) -> ResultRow | None:
         r = self._reader().execute("SELECT * FROM results WHERE idem_key = ?", (idem_key,)).fetchone()
         return ResultRow.from_sql(r) if r else None
@@ -222,6 +304,35 @@ def query_results(conn: sqlite3.Connection, since: str | None = None, limit: int
     else:
         rows = conn.execute("SELECT * FROM results ORDER BY id DESC LIMIT ?", (limit,)).fetchall()[::-1]
     return [ResultRow.from_sql(r) for r in rows]
+
+
+def query_drift_events(conn: sqlite3.Connection, since: str | None = None, limit: int = 100
+                       ) -> list[DriftEventRow]:
+    """Drift rows in time order: from ``since`` forward, else the latest ``limit``."""
+    limit = max(0, int(limit))
+    if since is not None:
+        rows = conn.execute("SELECT * FROM drift_events WHERE ts >= ? ORDER BY ts, id LIMIT ?",
+                            (parse_since(since), limit)).fetchall()
+    else:
+        rows = conn.execute("SELECT * FROM drift_events ORDER BY id DESC LIMIT ?", (limit,)).fetchall()[::-1]
+    return [DriftEventRow.from_sql(r) for r in rows]
+
+
+def read_drift_events(db: str | os.PathLike, since: str | None = None, limit: int = 100) -> list[DriftEventRow]:
+    """Read drift monitor rows from a daemon's database without altering it (a database written by a
+    daemon without drift monitoring has no such table: empty list)."""
+    path = Path(db)
+    if not path.is_file():
+        raise FileNotFoundError(f"results database not found: {path}")
+    conn = _connect(path)
+    try:
+        return query_drift_events(conn, since, limit)
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return []
+        raise
+    finally:
+        conn.close()
 
 
 def read_results(db: str | os.PathLike, since: str | None = None, limit: int = 100) -> list[ResultRow]:
