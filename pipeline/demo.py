@@ -167,7 +167,7 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None, say: Say = print
     generate_dataset(d / "test_normal", n=cfg.n_per_defect, seed=cfg.seed + 1, size=cfg.image_size,
                      exposure=cfg.normal_exposure)
     generate_dataset(d / "labelled_new_lamp", n=cfg.labelled_per_class, seed=cfg.seed + 2, size=cfg.image_size,
-                     exposure=cfg.shifted_exposure, good_multiplier=1)
+                     exposure=cfg.shifted_exposure, good_multiplier=3)
     generate_dataset(d / "test_new_lamp", n=cfg.n_per_defect, seed=cfg.seed + 3, size=cfg.image_size,
                      exposure=cfg.shifted_exposure)
     timings["generate_s"] = time.perf_counter() - t0
@@ -194,7 +194,7 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None, say: Say = print
     port = _free_port()
     cmd = [sys.executable, "-m", "pipeline.serve", "--model", str(wd / "models"), "--line", LINE, "--db", str(db),
            "--watch", str(inbox), "--http", f"127.0.0.1:{port}", "--recent-dir", str(recent),
-           "--model-poll-interval", "1", "--log-level", "warning"]
+           "--model-poll-interval", "1", "--drift-log-interval", "0", "--log-level", "warning"]
     say(f"starting the inference daemon (hot folder {inbox}, http://127.0.0.1:{port})")
     log = open(wd / "daemon.log", "w")
     daemon = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MALLOC_ARENA_MAX": "2"})

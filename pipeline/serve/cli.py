@@ -56,6 +56,8 @@ def _settings_error(exc: Exception) -> click.UsageError:
               help="send defect.drift.detected to Prefect (PREFECT_API_URL) when a drift episode starts [off]")
 @click.option("--event-min-interval", "drift_event_min_interval_s", type=float,
               help="at most one drift event per this many seconds [1800]")
+@click.option("--drift-log-interval", "drift_log_interval_s", type=float,
+              help="write drift scores to the database at most this often, s; 0 = every window [60]")
 @click.option("--recent-dir", type=click.Path(file_okay=False),
               help="keep a bounded sample of recent scored images here (what re-adaptation learns from)")
 @click.option("--recent-every", type=int, help="keep 1 of every N scored images [10]")

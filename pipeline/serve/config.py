@@ -68,6 +68,8 @@ class ServeSettings(BaseSettings):
                                           "one are served unmonitored, with a warning)")
     emit_prefect_events: bool = Field(False, description="send defect.drift.detected to Prefect "
                                       "(PREFECT_API_URL) when an alarm episode starts")
+    drift_log_interval_s: float = Field(60.0, ge=0.0, description="write the drift scores to drift_events at "
+                                         "most this often, s (0: every window)")
     drift_event_min_interval_s: float = Field(1800.0, ge=0.0, description="at most one drift event per this "
                                               "many seconds, whatever the episodes (a flapping stream must not "
                                               "start many re-adaptations)")

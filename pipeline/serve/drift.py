@@ -320,7 +320,8 @@ class DriftObserver:
         registry = str(Path(settings.model).resolve()) if settings.registry_mode else None
         recent = str(Path(settings.recent_dir).resolve()) if settings.recent_dir else None
         return cls(line=settings.line, registry=registry, recent_dir=recent, metrics=metrics, store=store,
-                   emitter=send, min_event_interval_s=settings.drift_event_min_interval_s)
+                   emitter=send, min_event_interval_s=settings.drift_event_min_interval_s,
+                   score_log_interval_s=settings.drift_log_interval_s)
 
     def _stored_last_emit(self) -> str | None:
         if self.store is None:
