@@ -48,14 +48,18 @@ class TrainConfig(BaseModel):
     head_steps: int = Field(300, ge=0)
     head_lr: float = 3e-3
     # stage 2: partial unfreeze
-    finetune_epochs: int = Field(20, ge=0)
+    finetune_epochs: int = Field(15, ge=0)
     unfreeze_blocks: int = Field(6, ge=0)  # top MBConv blocks trained (plus the 1x1 head conv)
     lr: float = 1e-3
     backbone_lr_scale: float = 0.3
     weight_decay: float = 1e-4
     batch_size: int = Field(16, ge=2)
-    steps_per_epoch: int | None = None  # None: ~one pass over the training set
+    steps_per_epoch: int | None = 10  # None: ~one pass over the training set
     patience: int = Field(6, ge=1)
+    # "last": the fixed one-cycle schedule decides (few-shot validation sets of ~30 images are too noisy to
+    # pick epochs: measured on magnetic-tile, "best" kept the head-only model at 0.747 balanced accuracy,
+    # "last" reached 0.782); "best": the epoch with the best validation balanced accuracy.
+    keep: str = Field("last", pattern="^(best|last)$")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     dropout: float = Field(0.2, ge=0, lt=1)
     # Re-estimate BatchNorm statistics on the (augmented) training images before stage 1 (AdaBN):
@@ -407,7 +411,10 @@ def train(train_set: ImageFolder, val_set: ImageFolder, good_class: str, cfg: Tr
             if since_best >= cfg.patience:
                 log.info("early stop at epoch %d (best %d)", epoch, best_epoch)
                 break
-    model.load_state_dict(best_state)
+    if cfg.keep == "best":
+        model.load_state_dict(best_state)
+    else:
+        best_epoch = history[-1]["epoch"]
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
