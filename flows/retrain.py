@@ -27,7 +27,18 @@ from pipeline.run import RunConfig, run_training
 from pipeline.train import CHECKPOINT_FILE, TrainConfig
 
 
-@task(name="snapshot-data")
+def _transient_io_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry condition: an I/O error a second attempt can clear (EIO/ESTALE on a network share).
+
+    Missing files, permissions, bad data and registry refusals fail the same way again, so they
+    are not retried.
+    """
+    exc = state.result(raise_on_failure=False)
+    permanent = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, TimeoutError)
+    return isinstance(exc, OSError) and not isinstance(exc, permanent)
+
+
+@task(name="snapshot-data", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient_io_error)
 def snapshot_data(data_dir: str, gate_fraction: float, seed: int, classes: list[str] | None
                   ) -> tuple[ImageFolder, ImageFolder, str]:
     """Freeze what this run sees: (training pool, gate set, gate-set hash)."""
@@ -56,7 +67,7 @@ def evaluate_on(onnx_path: str, gate_set: ImageFolder, gate_hash: str) -> dict:
     return metrics
 
 
-@task(name="register", retries=1, retry_delay_seconds=2)
+@task(name="register", retries=1, retry_delay_seconds=2, retry_condition_fn=_transient_io_error)
 def register(registry: str, line: str, run_dir: str, note: str) -> str:
     return Registry(Path(registry)).register(line, run_dir, note=note).version
 

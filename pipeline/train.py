@@ -408,7 +408,7 @@ def train(train_set: ImageFolder, val_set: ImageFolder, good_class: str, cfg: Tr
                 since_best += 1
             if progress:
                 progress("finetune", epoch, cfg.finetune_epochs)
-            if since_best >= cfg.patience:
+            if cfg.keep == "best" and since_best >= cfg.patience:
                 log.info("early stop at epoch %d (best %d)", epoch, best_epoch)
                 break
     if cfg.keep == "best":
