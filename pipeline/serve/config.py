@@ -46,6 +46,10 @@ class ServeSettings(BaseSettings):
     workers: int = Field(2, ge=1, le=64, description="decode + preprocess threads")
     max_queue: int = Field(32, ge=1, description="images accepted but not yet committed (backpressure)")
 
+    # Operator-triggered re-adaptation over HTTP: POST /adapt. Off unless a token is set.
+    adapt_token: str | None = Field(None, description="bearer token that enables POST /adapt (off when unset)")
+    adapt_data_root: str | None = Field(None, description="POST /adapt may only name labelled folders under this root")
+
     # Input limits.
     max_upload_bytes: int = Field(32 * 1024 * 1024, ge=1, description="HTTP body limit -> 413")
     max_file_bytes: int = Field(256 * 1024 * 1024, ge=1)

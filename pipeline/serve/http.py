@@ -14,6 +14,8 @@ expose it.
 
 from __future__ import annotations
 
+import time
+
 import asyncio
 import logging
 import threading
@@ -119,6 +121,11 @@ def create_app(daemon: "Daemon") -> FastAPI:
     def health() -> dict[str, Any]:
         return daemon.health()
 
+    @app.post("/adapt", status_code=202)
+    def adapt(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        """Start `defect adapt` for this daemon's line in a separate process (the daemon never trains)."""
+        return start_adapt(settings, request.headers.get("authorization", ""), body)
+
     @app.get("/metrics")
     def metrics() -> Response:
         return Response(daemon.metrics.render(), media_type=daemon.metrics.content_type)
@@ -132,6 +139,48 @@ def create_app(daemon: "Daemon") -> FastAPI:
         return [r.as_dict() for r in rows]
 
     return app
+
+
+def start_adapt(settings: Any, authorization: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Check token and parameters, then launch the gated retrain; returns what was started.
+
+    Off (404) without ``adapt_token``; 401 on a wrong token (constant-time compare); the data folder must
+    resolve inside ``adapt_data_root`` (no traversal, no absolute paths elsewhere); needs a registry model.
+    """
+    import hmac
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not settings.adapt_token:
+        raise HTTPException(404, "POST /adapt is disabled (set adapt_token to enable it)")
+    expected = f"Bearer {settings.adapt_token}"
+    if not hmac.compare_digest(authorization.encode(), expected.encode()):
+        raise HTTPException(401, "missing or wrong bearer token")
+    if not settings.registry_mode or not settings.line:
+        raise HTTPException(409, "this daemon serves a model file, not a registry line: nothing to re-adapt")
+    if not settings.adapt_data_root:
+        raise HTTPException(409, "adapt_data_root is not configured")
+    data = body.get("data")
+    if not isinstance(data, str) or not data:
+        raise HTTPException(422, "'data' (a folder under adapt_data_root) is required")
+    root = Path(settings.adapt_data_root).resolve()
+    folder = (root / data).resolve()
+    if not folder.is_relative_to(root) or not folder.is_dir():
+        raise HTTPException(422, f"'data' must name an existing folder under {root}")
+    shots = body.get("shots")
+    if shots is not None and (not isinstance(shots, int) or isinstance(shots, bool) or shots < 1):
+        raise HTTPException(422, "'shots' must be a positive integer")
+    reason = str(body.get("reason") or "operator request over HTTP")[:500]
+    cmd = [sys.executable, "-m", "pipeline.cli", "adapt", "--line", settings.line, "--data", str(folder),
+           "--registry", str(Path(settings.model).resolve()), "--reason", reason, "--json"]
+    if shots:
+        cmd += ["--shots", str(shots)]
+    log_path = Path(settings.db).resolve().parent / f"adapt-{settings.line}-{int(time.time())}.log"
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    return {"started": True, "pid": proc.pid, "line": settings.line, "data": str(folder), "log": str(log_path)}
 
 
 class HttpServer:
