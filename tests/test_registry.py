@@ -37,7 +37,7 @@ from pipeline.registry import (
 from pipeline.runtime import OnnxModel
 from tests.tiny_model import make_tiny_model
 
-FORK = mp.get_context("fork")  # children inherit the test module; nothing here needs a fresh interpreter
+FORK = mp.get_context("spawn")  # fresh interpreters: forking after Prefect or ORT threads started is unsafe
 
 
 def make_run(tiny_model: Path, run_dir: Path, metrics: dict | None = None) -> Path:
