@@ -628,10 +628,7 @@ class Registry:
             if current == version:
                 log.info("%s/%s is already the champion", line, version)
                 return info.model_copy(update={"champion": True})
-            self._set_champion(line, version)
-            self._append_history(line, HistoryEntry(time=_now(), action="promote", version=version,
-                                                    previous=current, reason=reason,
-                                                    user=user or _current_user(), onnx_sha256=info.onnx_sha256))
+            self._switch_champion(line, "promote", info, current, reason, user)
         log.info("promoted %s/%s (was %s): %s", line, version, current, reason)
         return info.model_copy(update={"champion": True})
 
@@ -657,12 +654,17 @@ class Registry:
             except VersionNotFoundError:
                 raise RegistryError(f"line {line!r}: previous champion {target} is no longer in the registry") \
                     from None
-            self._set_champion(line, target)
-            self._append_history(line, HistoryEntry(time=_now(), action="rollback", version=target,
-                                                    previous=current, reason=reason,
-                                                    user=user or _current_user(), onnx_sha256=info.onnx_sha256))
+            self._switch_champion(line, "rollback", info, current, reason, user)
         log.info("rolled %s back from %s to %s: %s", line, current, target, reason)
         return info.model_copy(update={"champion": True})
+
+    def _switch_champion(self, line: str, action: str, info: ModelVersion, previous: str | None, reason: str,
+                         user: str | None) -> None:
+        """Point CHAMPION at ``info.version`` (atomically), then record why in the history."""
+        self._set_champion(line, info.version)
+        self._append_history(line, HistoryEntry(time=_now(), action=action, version=info.version, previous=previous,
+                                                reason=reason, user=user or _current_user(),
+                                                onnx_sha256=info.onnx_sha256))
 
     def _champion_stack(self, line: str, current: str) -> list[str]:
         """Champions in the order they took over, with rollbacks popped; the last is ``current``.
