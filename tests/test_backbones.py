@@ -258,3 +258,23 @@ def test_default_preprocess_for_other_backbones():
     assert (spec.height, spec.width, spec.resize) == (256, 256, "letterbox")
     assert spec.mean == pytest.approx((123.675, 116.28, 103.53)) and spec.std == pytest.approx((58.395, 57.12, 57.375))
     assert default_preprocess("efficientnet_lite2", size=300).height == 300
+
+
+@pytest.mark.parametrize("size", [224, 225, 97])
+def test_onnx_export_puts_same_padding_inside_conv(lite0, tmp_path: Path, size: int):
+    """No Pad nodes in the exported graph (they cost ORT its NCHWc layout), and outputs still match torch
+    for even and odd input sizes, where SAME padding is asymmetric."""
+    import onnx
+    import onnxruntime as ort
+
+    path = tmp_path / "lite0.onnx"
+    x = torch.from_numpy(np.random.default_rng(size).normal(size=(2, 3, size, size)).astype(np.float32))
+    lite0.eval()
+    torch.onnx.export(lite0, (x,), str(path), input_names=["x"], opset_version=17, dynamo=False)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "Pad" not in ops and "Shape" not in ops
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = lite0(x).numpy()
+    got = sess.run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)

@@ -21,18 +21,47 @@ BN_MOMENTUM = 0.01  # TF's 0.99 decay expressed in torch's convention
 STAGE_STRIDES = (1, 2, 2, 2, 1, 2, 1)
 
 
+def same_pads(size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int]) -> tuple[int, int, int, int]:
+    """TensorFlow "SAME" padding as (top, left, bottom, right): the extra pixel goes bottom/right."""
+    pads = []
+    for i, k, s in zip(size, kernel, stride):
+        total = max((math.ceil(i / s) - 1) * s + k - i, 0)
+        pads.append((total // 2, total - total // 2))
+    (top, bottom), (left, right) = pads
+    return top, left, bottom, right
+
+
+class _OnnxSameConv(torch.autograd.Function):
+    """Exports as one ONNX ``Conv`` with asymmetric ``pads``: no separate Pad node.
+
+    A Pad in front of every strided/depthwise conv breaks ONNX Runtime's blocked (NCHWc) layout on
+    x86 (a reorder before and after each) and its Pad fusion does not take torch's exported pads;
+    ONNX Conv carries asymmetric pads natively, so say it directly. Only used while exporting.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, pads, groups):  # noqa: ARG004 - value for the tracer
+        top, left, bottom, right = pads
+        return F.conv2d(F.pad(x, [left, right, top, bottom]), weight, None, stride, 0, 1, groups)
+
+    @staticmethod
+    def symbolic(g, x, weight, stride, pads, groups):
+        kernel = weight.type().sizes()[-2:]
+        return g.op("Conv", x, weight, kernel_shape_i=list(kernel), strides_i=list(stride), pads_i=list(pads),
+                    group_i=groups, dilations_i=[1, 1])
+
+
 class Conv2dSame(nn.Conv2d):
     """Conv2d with TensorFlow "SAME" padding (pads more on the bottom/right when odd)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ih, iw = x.shape[-2:]
-        kh, kw = self.kernel_size
-        sh, sw = self.stride
-        oh, ow = math.ceil(ih / sh), math.ceil(iw / sw)
-        pad_h = max((oh - 1) * sh + kh - ih, 0)
-        pad_w = max((ow - 1) * sw + kw - iw, 0)
-        if pad_h or pad_w:
-            x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        top, left, bottom, right = same_pads(tuple(int(v) for v in x.shape[-2:]), self.kernel_size, self.stride)
+        if torch.onnx.is_in_onnx_export() and self.bias is None and self.dilation == (1, 1):
+            # The served input size is fixed by the preprocessing spec, so pads are constants.
+            return _OnnxSameConv.apply(x, self.weight, self.stride, (top, left, bottom, right), self.groups)
+        if top == bottom and left == right:
+            return F.conv2d(x, self.weight, self.bias, self.stride, (top, left), self.dilation, self.groups)
+        x = F.pad(x, [left, right, top, bottom])
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
