@@ -161,6 +161,26 @@ def test_prepare_marks_bad_input_without_raising(tiny_model, tmp_path):
     assert gone.skipped == "vanished" and gone.error_kind is None
 
 
+def test_prepare_computes_drift_statistics_from_the_one_decode(tiny_model, monkeypatch):
+    """Drift statistics are of the full decoded image, and cost no second decode."""
+    import cv2
+
+    import pipeline.serve.jobs as jobs
+    from pipeline.data.decode import decode_bytes
+    from pipeline.drift.stats import image_statistics
+
+    spec = load_metadata(tiny_model).preprocess
+    img = np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8)
+    data = cv2.imencode(".png", img)[1].tobytes()
+    calls = []
+    monkeypatch.setattr(jobs, "decode_bytes", lambda *a, **k: calls.append(1) or decode_bytes(*a, **k))
+    job = prepare(Job(source="http", kind="http", data=data), spec, 1 << 20, 1 << 20, None, drift_stats=True)
+    assert job.ready and len(calls) == 1
+    np.testing.assert_allclose(job.drift_stats, image_statistics(decode_bytes(data)))
+    plain = prepare(Job(source="http", kind="http", data=data), spec, 1 << 20, 1 << 20, None)
+    assert plain.ready and plain.drift_stats is None
+
+
 # -- camera ---------------------------------------------------------------------------------------------------
 
 

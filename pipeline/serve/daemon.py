@@ -43,7 +43,7 @@ import numpy as np
 from pipeline.preprocess import normalize
 from pipeline.runtime import Prediction
 from pipeline.serve.config import ServeSettings
-from pipeline.serve.drift import IMAGE_STATS_KEY, MODEL_KEY, DriftObserver, EventEmitter, full_image_statistics
+from pipeline.serve.drift import IMAGE_STATS_KEY, MODEL_KEY, DriftObserver, EventEmitter
 from pipeline.serve.jobs import Job, prepare, preprocess_job
 from pipeline.serve.metrics import ServeMetrics
 from pipeline.serve.models import LoadedModel, ModelHolder, resolve_model_arg, runtime_options
@@ -83,7 +83,6 @@ class Daemon:
             self.drift = DriftObserver.for_daemon(settings, self.metrics, self.store, event_emitter)
             self.drift.prepare(self.holder.current)  # a missing reference is reported now, not at the 1st image
             extra.append(self.drift)
-        self._drift_stats: dict[int, np.ndarray] = {}  # job seq -> full-image drift statistics
         self.recent: RecentSample | None = None
         if settings.recent_dir is not None:
             self.recent = RecentSample(settings.recent_dir, every=settings.recent_every,
@@ -137,26 +136,14 @@ class Daemon:
     def _prepare(self, job: Job) -> None:
         try:
             s = self.settings
-            prepare(job, self.holder.current.spec, s.max_pixels, s.max_file_bytes, self.store)
-            if job.ready and self.drift is not None and self.drift.wants_image_stats:
-                self._drift_image_stats(job)
+            want_stats = self.drift is not None and self.drift.wants_image_stats
+            prepare(job, self.holder.current.spec, s.max_pixels, s.max_file_bytes, self.store, want_stats)
         except BaseException as exc:  # prepare() does not raise; this is the last line of defence
             job.fail("internal_error", f"{type(exc).__name__}: {exc}")
         finally:
             with self._count_lock:
                 self._decoding -= 1
             self._ready.put(job)
-
-    def _drift_image_stats(self, job: Job) -> None:
-        """Drift statistics of the full decoded image (the reference's are of full images too).
-
-        Decodes the payload a second time: ``prepare`` keeps only the model-size image. Costs one
-        decode per image while drift monitoring is on (see the module docs of pipeline.serve.drift).
-        """
-        try:
-            self._drift_stats[job.seq] = full_image_statistics(job.data, job.frame, self.settings.max_pixels)
-        except Exception as exc:  # the image scored fine; it is just left out of the drift stream
-            log.debug("drift statistics of %s failed: %s", job.source, exc)
 
     # -- batching + inference ---------------------------------------------------------------------------
     def _batch_loop(self) -> None:
@@ -303,7 +290,7 @@ class Daemon:
                 items.append(ImageResult(source=j.source, sha256=j.sha256, stats=j.stats, image=j.image,
                                          embedding=out[1] if out else None, prediction=out[0] if out else None,
                                          error_kind=j.error_kind, row_id=row.id if row else None))
-                drift_stats.append(self._drift_stats.get(j.seq))
+                drift_stats.append(j.drift_stats)
                 if self.recent is not None and out is not None and i in fresh and not row.error_kind:
                     self.recent.offer(j.source, j.sha256, data=j.data, frame=j.frame)
             self._complete(j, row)
@@ -353,7 +340,7 @@ class Daemon:
                 except InvalidStateError:  # the HTTP client timed out and cancelled it: the row stands
                     pass
             job.data = job.frame = job.image = None
-            self._drift_stats.pop(job.seq, None)
+            job.drift_stats = None
             with self._count_lock:
                 self._depth -= 1
                 self.metrics.queue_depth.set(self._depth)

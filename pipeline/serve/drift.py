@@ -20,7 +20,8 @@ here can block scoring or crash the daemon: failures are logged and counted.
 
 Image statistics must be computed exactly as the reference's were (``image_statistics`` of the
 full decoded image, not of the model-size copy: sharpness differs), so the daemon computes them in
-its decode workers (``full_image_statistics``) and passes them in ``BatchResult.extra``.
+its decode workers, from the same decode as the model input (``pipeline.serve.jobs.preprocess_job``),
+and passes them in ``BatchResult.extra``.
 """
 
 from __future__ import annotations
@@ -68,18 +69,6 @@ class EventNotSent(RuntimeError):
     def __init__(self, message: str, retry: bool = False):
         super().__init__(message)
         self.retry = retry
-
-
-def full_image_statistics(data: bytes | None, frame: np.ndarray | None, max_pixels: int) -> np.ndarray:
-    """Drift image statistics of an image payload (encoded bytes or a camera frame), as the reference has them."""
-    from pipeline.data.decode import decode_bytes, to_rgb_uint8
-    from pipeline.drift.stats import image_statistics
-
-    if frame is not None:
-        return image_statistics(to_rgb_uint8(frame))
-    if data is None:
-        raise ValueError("no image payload")
-    return image_statistics(decode_bytes(data, max_pixels=max_pixels))
 
 
 def _finite(x: Any) -> float | None:

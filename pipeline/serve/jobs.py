@@ -43,6 +43,7 @@ class Job:
     sha256: str | None = None
     idem_key: str | None = None
     stats: ImageStats | None = None
+    drift_stats: np.ndarray | None = None  # pipeline.drift image statistics of the full image (if asked for)
     image: np.ndarray | None = None  # model-size RGB uint8 (normalised per batch by the batcher: 4x smaller)
     spec: PreprocessSpec | None = None
     error_kind: str | None = None
@@ -76,12 +77,18 @@ def _decode(job: Job, max_pixels: int) -> np.ndarray:
     return decode_bytes(job.data, max_pixels=max_pixels)
 
 
-def preprocess_job(job: Job, spec: PreprocessSpec, max_pixels: int) -> None:
-    """Decode the payload and make the model input for ``spec``; errors land in the job, never raise."""
+def preprocess_job(job: Job, spec: PreprocessSpec, max_pixels: int, drift_stats: bool = False) -> None:
+    """Decode the payload and make the model input for ``spec``; errors land in the job, never raise.
+
+    ``drift_stats``: also compute the drift image statistics from the same decoded full image (the
+    drift reference has them of full images, and a second decode would double the worker's cost).
+    """
     try:
         img = _decode(job, max_pixels)
         if job.stats is None:
             job.stats = image_stats(img)
+        if drift_stats and job.drift_stats is None:
+            _drift_statistics(job, img)
         job.image = resize_image(img, spec)
         job.spec = spec
     except ImageDecodeError as exc:
@@ -92,8 +99,17 @@ def preprocess_job(job: Job, spec: PreprocessSpec, max_pixels: int) -> None:
         job.fail("decode_error", f"{type(exc).__name__}: {exc}")
 
 
+def _drift_statistics(job: Job, img: np.ndarray) -> None:
+    from pipeline.drift.stats import image_statistics
+
+    try:
+        job.drift_stats = image_statistics(img)
+    except Exception:  # the image still gets scored; it is just left out of the drift stream
+        job.drift_stats = None
+
+
 def prepare(job: Job, spec: PreprocessSpec, max_pixels: int, max_file_bytes: int,
-            store: "ResultStore | None") -> Job:
+            store: "ResultStore | None", drift_stats: bool = False) -> Job:
     """Worker step: read, hash, look up the ledger (folder), decode, preprocess. Always returns the job.
 
     A folder file gets its idempotency key before anything can fail, so even an error row is never
@@ -114,7 +130,7 @@ def prepare(job: Job, spec: PreprocessSpec, max_pixels: int, max_file_bytes: int
         if not job.data and job.frame is None:
             job.fail("empty", "empty file" if job.path is not None else "empty request body")
             return job
-        preprocess_job(job, spec, max_pixels)
+        preprocess_job(job, spec, max_pixels, drift_stats)
     except Exception as exc:  # never let one image stop the pipeline
         job.fail("internal_error", f"{type(exc).__name__}: {exc}")
     return job
