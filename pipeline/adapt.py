@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 from pipeline.data.decode import ImageDecodeError, decode_file
 from pipeline.drift.check import list_images
 from pipeline.metadata import ModelMetadata, load_metadata, write_json_atomic
+from pipeline.preprocess import PreprocessSpec
 
 
 class LabelFreeConfig(BaseModel):
@@ -46,7 +47,7 @@ class LabelFreeResult:
     timings: dict[str, float]
 
 
-def _load_images(folder: Path, limit: int, seed: int) -> tuple[list[np.ndarray], list[Path]]:
+def _load_images(folder: Path, limit: int, seed: int, spec: PreprocessSpec) -> tuple[list[np.ndarray], list[Path]]:
     paths = list_images(folder)
     rng = np.random.default_rng(seed)
     if len(paths) > limit:
@@ -54,7 +55,7 @@ def _load_images(folder: Path, limit: int, seed: int) -> tuple[list[np.ndarray],
     images, kept = [], []
     for p in paths:
         try:
-            images.append(decode_file(p))
+            images.append(decode_file(p, spec=spec))
             kept.append(p)
         except (ImageDecodeError, OSError):
             continue
@@ -170,7 +171,7 @@ def adapt_label_free(model_dir: Path, images_dir: Path, out_dir: Path, cfg: Labe
     ckpt = model_dir / CHECKPOINT_FILE
     if not ckpt.is_file():
         raise FileNotFoundError(f"{model_dir} has no {CHECKPOINT_FILE}: label-free adaptation needs the weights")
-    images, paths = _load_images(Path(images_dir), cfg.max_images, cfg.seed)
+    images, paths = _load_images(Path(images_dir), cfg.max_images, cfg.seed, meta.preprocess)
     if len(images) < cfg.min_images:
         raise ValueError(f"{images_dir}: {len(images)} readable images; label-free adaptation needs "
                          f"at least {cfg.min_images}")

@@ -108,7 +108,7 @@ def fit_drift_reference(result: TrainResult, out_dir: Path) -> Path:
     for ds, e, p in sources:
         readable = [s for s in ds.samples if str(s.path) not in skipped]
         for sample, emb, prob in zip(readable, e, p):
-            stats.append(image_statistics(decode_file(sample.path)))
+            stats.append(image_statistics(decode_file(sample.path, spec=result.spec)))
             embs.append(emb)
             probs.append(prob)
     ref = fit_reference(np.asarray(embs), np.asarray(stats), np.asarray(probs), seed=result.config.seed)

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.data.decode import IMAGE_EXTENSIONS, ImageDecodeError, decode_bytes, decode_file, to_rgb_uint8
+from pipeline.preprocess import PreprocessSpec, resize_image
 
 
 def enc(ext: str, img: np.ndarray, params: list[int] | None = None) -> bytes:
@@ -328,3 +329,54 @@ def test_fuzz_random_bytes(data):
        st.binary(max_size=512))
 def test_fuzz_magic_prefix_then_garbage(magic, tail):
     _check_decode(magic + tail)
+
+
+# -- scaled JPEG decode (PreprocessSpec.jpeg_scaled_decode) ----------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(w=st.integers(1, 5000), h=st.integers(1, 5000), tw=st.integers(16, 600), th=st.integers(16, 600),
+       resize=st.sampled_from(["stretch", "letterbox"]))
+def test_decode_scale_never_decodes_below_what_the_resize_needs(w, h, tw, th, resize):
+    from pipeline.preprocess import decode_scale
+
+    spec = PreprocessSpec(height=th, width=tw, resize=resize, jpeg_scaled_decode=True)
+    r = decode_scale(w, h, spec)
+    assert r in (1, 2, 4, 8)
+    if resize == "stretch":
+        need_w, need_h = tw, th
+    else:
+        s = min(th / h, tw / w)
+        need_w, need_h = round(w * s), round(h * s)
+    if r > 1:
+        assert -(-w // r) >= need_w and -(-h // r) >= need_h
+    if r < 8:  # and it is the largest such scale
+        assert -(-w // (2 * r)) < need_w or -(-h // (2 * r)) < need_h
+    assert decode_scale(w, h, spec.model_copy(update={"jpeg_scaled_decode": False})) == 1
+
+
+def test_scaled_jpeg_decode_matches_full_decode_after_resize():
+    rng = np.random.default_rng(3)
+    base = cv2.resize(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8), (1280, 960), interpolation=cv2.INTER_CUBIC)
+    data = cv2.imencode(".jpg", base, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+    spec = PreprocessSpec(height=224, width=224, jpeg_scaled_decode=True)
+    scaled = decode_bytes(data, spec=spec)
+    assert scaled.shape == (240, 320, 3)  # 1/4: still >= 224 on both sides
+    full = decode_bytes(data)
+    assert full.shape == (960, 1280, 3)
+    diff = np.abs(resize_image(scaled, spec).astype(int) - resize_image(full, spec).astype(int))
+    assert diff.mean() < 2.0 and np.percentile(diff, 99) < 12
+    # off for specs that do not ask for it (every model trained before it existed), and for non-JPEG files
+    assert decode_bytes(data, spec=spec.model_copy(update={"jpeg_scaled_decode": False})).shape == full.shape
+    png = cv2.imencode(".png", base)[1].tobytes()
+    assert decode_bytes(png, spec=spec).shape == full.shape
+
+
+def test_scaled_decode_keeps_grey_jpegs_grey_and_ignores_exif_orientation():
+    grey = np.tile(np.arange(0, 256, dtype=np.uint8), (600, 3))[:, :700]
+    data = cv2.imencode(".jpg", grey)[1].tobytes()
+    spec = PreprocessSpec(height=100, width=100, jpeg_scaled_decode=True)
+    out = decode_bytes(data, spec=spec)
+    assert out.shape == (150, 175, 3) and (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
+    # the same image: left-to-right ramp survives (no rotation applied on the scaled path)
+    assert out[:, -20:, 0].mean() > out[:, :20, 0].mean() + 100

@@ -181,6 +181,17 @@ def test_prepare_computes_drift_statistics_from_the_one_decode(tiny_model, monke
     assert plain.ready and plain.drift_stats is None
 
 
+def test_prepare_scaled_jpeg_decode_reports_the_files_own_size(tiny_model):
+    import cv2
+
+    spec = load_metadata(tiny_model).preprocess.model_copy(update={"jpeg_scaled_decode": True})
+    img = np.random.default_rng(1).integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    data = cv2.imencode(".jpg", img)[1].tobytes()
+    job = prepare(Job(source="http", kind="http", data=data), spec, 1 << 20, 1 << 20, None, drift_stats=True)
+    assert job.ready and job.image.shape == (32, 32, 3)
+    assert (job.stats.width, job.stats.height) == (400, 300)  # decoded at 1/8, reported as the file is
+
+
 # -- camera ---------------------------------------------------------------------------------------------------
 
 

@@ -52,10 +52,11 @@ def default_preprocess(name: str, size: int | None = None, resize: str = "stretc
     """The input normalisation a backbone's weights were trained with."""
     if name in LITE:
         s = size or LITE[name].native_size
-        return PreprocessSpec(height=s, width=s, resize=resize, mean=(127.0,) * 3, std=(128.0,) * 3)
+        return PreprocessSpec(height=s, width=s, resize=resize, mean=(127.0,) * 3, std=(128.0,) * 3,
+                              jpeg_scaled_decode=True)
     s = size or 224
     return PreprocessSpec(height=s, width=s, resize=resize,
-                          mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))
+                          mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375), jpeg_scaled_decode=True)
 
 
 def lite_weights_path(name: str) -> Path:

@@ -138,7 +138,7 @@ def predict(model_path: Path, paths: tuple[Path, ...]) -> None:
         decoded = []
         for f in files[i:i + step]:
             try:
-                decoded.append((len(rows), decode_file(f)))
+                decoded.append((len(rows), decode_file(f, spec=model.metadata.preprocess)))
                 rows.append({"path": str(f)})
             except (ImageDecodeError, OSError) as exc:
                 failed += 1

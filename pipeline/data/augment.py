@@ -56,7 +56,7 @@ def load_images(ds: ImageFolder, spec: PreprocessSpec,
     images, labels, skipped = [], [], []
     for i, s in enumerate(ds.samples):
         try:
-            images.append(resize_image(decode_file(s.path), spec))
+            images.append(resize_image(decode_file(s.path, spec=spec), spec))
             labels.append(s.label)
         except (ImageDecodeError, OSError) as exc:
             skipped.append({"path": str(s.path), "error": str(exc)})

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.preprocess import PreprocessSpec, decode_scale
+
 # OpenCV reads this limit once at import; set it before cv2 loads so huge headers are refused
 # by the decoder itself instead of allocating gigabytes. Our own check below uses the caller's limit.
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 28))
@@ -161,6 +163,14 @@ def _header_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) read from the file header without decoding, or None for unknown formats."""
+    return _header_size(data if isinstance(data, bytes) else bytes(data))
+
+
+_REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
 def _truncation_hint(data: bytes) -> str:
     """Why a PNG/JPEG that failed to decode looks cut short (a file still being written, say)."""
     if data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data[-64:]:
@@ -170,8 +180,14 @@ def _truncation_hint(data: bytes) -> str:
     return ""
 
 
-def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Encoded image bytes -> HxWx3 uint8 RGB. Raises ImageDecodeError with a reason."""
+def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, spec: PreprocessSpec | None = None
+                 ) -> np.ndarray:
+    """Encoded image bytes -> HxWx3 uint8 RGB. Raises ImageDecodeError with a reason.
+
+    ``spec``: the model input the image is decoded for. When it allows (``jpeg_scaled_decode``), a
+    large 8-bit JPEG is decoded directly at a reduced scale (``decode_scale``); everything that feeds
+    a model passes its spec, so training and serving decode alike.
+    """
     if not data:
         raise ImageDecodeError("empty", "empty file")
     data = bytes(data)
@@ -180,8 +196,14 @@ def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         raise ImageDecodeError("too_large", f"image header says {size[0]}x{size[1]} = {size[0] * size[1]} pixels, "
                                             f"limit is {max_pixels}")
     buf = np.frombuffer(data, dtype=np.uint8)
+    # Orientation is ignored on both paths: line cameras do not rotate, and EXIF must not change pixels.
+    flags = cv2.IMREAD_UNCHANGED
+    if spec is not None and size is not None and data[:2] == b"\xff\xd8":
+        r = decode_scale(size[0], size[1], spec)
+        if r > 1:
+            flags = _REDUCED[r] | cv2.IMREAD_IGNORE_ORIENTATION
     try:
-        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+        img = cv2.imdecode(buf, flags)
     except cv2.error as exc:  # OpenCV raises for oversize headers and some corrupt streams
         msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else "decoder error"
         kind = "too_large" if "pixels" in msg.lower() or "size" in msg.lower() else "undecodable"
@@ -195,10 +217,11 @@ def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
 
 
 def decode_file(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
-                max_bytes: int = 256 * 1024 * 1024) -> np.ndarray:
-    """Read and decode a file (symlinks followed). Raises ImageDecodeError or OSError."""
+                max_bytes: int = 256 * 1024 * 1024, spec: PreprocessSpec | None = None) -> np.ndarray:
+    """Read and decode a file (symlinks followed). Raises ImageDecodeError or OSError. ``spec``: see
+    ``decode_bytes``."""
     p = Path(path)
     size = p.stat().st_size
     if size > max_bytes:
         raise ImageDecodeError("too_large", f"file is {size} bytes, limit is {max_bytes}")
-    return decode_bytes(p.read_bytes(), max_pixels=max_pixels)
+    return decode_bytes(p.read_bytes(), max_pixels=max_pixels, spec=spec)

@@ -105,7 +105,7 @@ def _decode_folder(model: "OnnxModel", paths: list[Path], batch_size: int
 
     for path in paths:
         try:
-            batch.append(decode_file(path))
+            batch.append(decode_file(path, spec=model.metadata.preprocess))
         except (ImageDecodeError, OSError) as exc:
             failed.append({"path": str(path), "error": str(exc)})
             continue

@@ -90,7 +90,7 @@ def evaluate_model(model: "OnnxModel", dataset: "ImageFolder", batch_size: int =
         images, batch_labels, batch_paths = [], [], []
         for sample in dataset.samples[start:start + batch_size]:
             try:
-                img = decode_file(sample.path)
+                img = decode_file(sample.path, spec=model.metadata.preprocess)
             except ImageDecodeError as exc:
                 skipped.append({"path": str(sample.path), "error": f"{exc.kind}: {exc}"})
                 continue

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from pipeline.data.decode import ImageDecodeError, decode_bytes, to_rgb_uint8
+from pipeline.data.decode import ImageDecodeError, decode_bytes, image_size, to_rgb_uint8
 from pipeline.preprocess import PreprocessSpec, resize_image
 from pipeline.serve.observers import ImageStats
 
@@ -63,18 +63,21 @@ class Job:
         return self.image is not None and self.error_kind is None and self.existing is None
 
 
-def image_stats(img: np.ndarray) -> ImageStats:
+def image_stats(img: np.ndarray, size: tuple[int, int] | None = None) -> ImageStats:
+    """Mean/std per channel of the decoded image; ``size`` (width, height): the file's own, when the
+    decode was scaled down."""
     mean, std = cv2.meanStdDev(img)
     m, s = mean.ravel(), std.ravel()
-    return ImageStats(height=int(img.shape[0]), width=int(img.shape[1]),
+    width, height = size or (int(img.shape[1]), int(img.shape[0]))
+    return ImageStats(height=int(height), width=int(width),
                       mean=(float(m[0]), float(m[1]), float(m[2])), std=(float(s[0]), float(s[1]), float(s[2])))
 
 
-def _decode(job: Job, max_pixels: int) -> np.ndarray:
+def _decode(job: Job, max_pixels: int, spec: PreprocessSpec) -> np.ndarray:
     if job.frame is not None:
         return to_rgb_uint8(job.frame)
     assert job.data is not None
-    return decode_bytes(job.data, max_pixels=max_pixels)
+    return decode_bytes(job.data, max_pixels=max_pixels, spec=spec)
 
 
 def preprocess_job(job: Job, spec: PreprocessSpec, max_pixels: int, drift_stats: bool = False) -> None:
@@ -84,9 +87,9 @@ def preprocess_job(job: Job, spec: PreprocessSpec, max_pixels: int, drift_stats:
     drift reference has them of full images, and a second decode would double the worker's cost).
     """
     try:
-        img = _decode(job, max_pixels)
+        img = _decode(job, max_pixels, spec)
         if job.stats is None:
-            job.stats = image_stats(img)
+            job.stats = image_stats(img, image_size(job.data) if job.data is not None else None)
         if drift_stats and job.drift_stats is None:
             _drift_statistics(job, img)
         job.image = resize_image(img, spec)
