@@ -16,6 +16,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
+from flows.events import announce_promotion
 from pipeline.adapt import LabelFreeConfig, adapt_label_free
 from pipeline.data.folders import scan_image_folder
 from pipeline.registry import NoChampionError, Registry, line_lock
@@ -77,6 +78,8 @@ def readapt(line: str, registry: str = "models", data_dir: str | None = None, re
         summary = ", ".join(f"{k}={v}" for k, v in checks.items() if k.endswith("_ok"))
         if cand["passed"]:
             reg.promote(line, version, reason=f"{reason}; label-free checks passed ({summary})", lock=lock)
+            announce_promotion(line, version, previous=champion.version, registry=registry,
+                               reason=f"label-free: {reason}")
         logger.info("label-free candidate %s/%s: %s (%s)", line, version,
                     "promoted" if cand["passed"] else "not promoted", summary)
     return {"line": line, "version": version, "promoted": cand["passed"], "mode": "label_free",

@@ -20,6 +20,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from flows.events import announce_promotion
 from pipeline.data.folders import ImageFolder, guess_good_class, manifest_sha256, scan_image_folder, stratified_split
 from pipeline.gate import GateConfig, GateDecision, decide
 from pipeline.registry import Registry, line_lock
@@ -118,6 +119,8 @@ def retrain(line: str, data_dir: str, registry: str = "models", shots: int | Non
         logger.info("gate for %s/%s: %s", line, version, decision.summary())
         if decision.promote:
             reg.promote(line, version, reason=f"{reason or 'retrain'}; {decision.summary()}", lock=lock)
+            announce_promotion(line, version, previous=champion.version if champion else None, registry=registry,
+                               reason=reason or "retrain", metrics=challenger_metrics)
         _artifact(line, version, decision, challenger_metrics, champion_metrics,
                   champion.version if champion else None, registry)
     return {"line": line, "version": version, "promoted": decision.promote, "reasons": decision.reasons,

@@ -171,6 +171,29 @@ def test_better_challenger_is_promoted(lineage: Lineage) -> None:
     assert any("v0002 PROMOTED" in (a.data or "") for a in artifacts)
 
 
+def _events(name: str, resource_id: str) -> list[dict[str, Any]]:
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        r = client.request("POST", "/events/filter", json={"filter": {
+            "event": {"name": [name]}, "resource": {"id": [resource_id]}, "any_resource": None}, "limit": 50})
+    return r.json().get("events", [])
+
+
+def test_promotions_are_announced_as_events(lineage: Lineage) -> None:
+    """Each champion change of the flow is a ``defect.model.promoted`` event on the line's resource."""
+    from flows.events import PROMOTED_EVENT
+
+    events = _wait_for(lambda: len(got := _events(PROMOTED_EVENT, f"defect.line.{LINE}")) >= 2 and got, 60,
+                       "two promotion events")
+    by_version = {e["payload"]["version"]: e for e in events}
+    assert set(by_version) >= {"v0001", "v0002"}
+    assert by_version["v0002"]["payload"]["previous"] == "v0001"
+    assert by_version["v0002"]["payload"]["metrics"]["balanced_accuracy"] == lineage.second["challenger"][
+        "balanced_accuracy"]
+    assert by_version["v0002"]["resource"]["registry"] == str(lineage.registry)
+
+
 def test_regression_is_registered_but_not_promoted(lineage: Lineage, data_root: Path, tmp_path: Path) -> None:
     from flows.retrain import retrain
 
