@@ -1,7 +1,8 @@
 """Re-adaptation after drift: supervised when labelled new-domain images exist, label-free otherwise.
 
-``readapt`` is what the drift automation runs. With a labelled folder it is the ordinary gated
-``retrain``. With only the daemon's recent (unlabelled) images it AdaBN-adapts the champion, judges
+``readapt`` is what the drift automation runs. With a labelled folder it is the gated ``retrain``,
+warm-started from the champion and replaying its labelled data with the new images
+(``pipeline.supervised_adapt``: the new images alone made a model worse than the champion). With only the daemon's recent (unlabelled) images it AdaBN-adapts the champion, judges
 the candidate by the label-free checks (``pipeline.adapt.label_free_checks``), promotes it only if
 all pass, and always writes a labelling request so the next round can be supervised.
 """
@@ -22,7 +23,8 @@ from pipeline.data.folders import scan_image_folder
 from pipeline.registry import NoChampionError, Registry, line_lock
 
 
-def _has_labels(folder: str | None, classes: list[str]) -> bool:
+def _has_labels(folder: str | None, classes: list[str] | None) -> bool:
+    """At least two of ``classes`` (or of the folder's own classes) have two or more images."""
     if not folder or not Path(folder).is_dir():
         return False
     try:
@@ -30,7 +32,7 @@ def _has_labels(folder: str | None, classes: list[str]) -> bool:
     except ValueError:
         return False
     counts = ds.counts()
-    return sum(1 for c in classes if counts.get(c, 0) >= 2) >= 2
+    return sum(1 for c in (classes or ds.classes) if counts.get(c, 0) >= 2) >= 2
 
 
 @task(name="label-free-adapt")
@@ -45,21 +47,30 @@ def label_free_candidate(champion_dir: str, recent_dir: str, out_dir: str, label
 @flow(name="readapt", log_prints=True)
 def readapt(line: str, registry: str = "models", data_dir: str | None = None, recent_dir: str | None = None,
             reason: str = "drift", label_free: dict[str, Any] | None = None, train_config: dict[str, Any] | None = None,
-            shots: int | None = None, seed: int = 0, lock_timeout_s: float | None = 3600) -> dict:
-    """Adapt ``line`` to its current domain; labelled ``data_dir`` wins over unlabelled ``recent_dir``."""
+            shots: int | None = None, seed: int = 0, lock_timeout_s: float | None = 3600,
+            gate: dict[str, Any] | None = None, supervised_adapt: dict[str, Any] | None = None) -> dict:
+    """Adapt ``line`` to its current domain; labelled ``data_dir`` wins over unlabelled ``recent_dir``.
+
+    Labelled: warm start from the champion with ``supervised_adapt`` (``SupervisedAdaptConfig`` fields;
+    default: replay the champion's labelled data alongside the new images, see ``pipeline.supervised_adapt``).
+
+    With labels and no champion yet (a new line whose first alarm came before its first model) it
+    trains the first model, like ``retrain``; without labels there is nothing to start from.
+    """
     from flows.retrain import retrain
 
     logger = get_run_logger()
     reg = Registry(Path(registry))
     champion = reg.champion(line)
-    if champion is None:
-        raise NoChampionError(f"line {line!r} has no champion to adapt; train one with `defect adapt` first")
-    classes = champion.metadata().classes
-    if _has_labels(data_dir, classes):
+    if _has_labels(data_dir, champion.metadata().classes if champion else None):
         logger.info("labelled current-domain data in %s: supervised retrain", data_dir)
-        out = retrain(line=line, data_dir=data_dir, registry=registry, reason=reason, warm_start=True,
-                      train_config=train_config, shots=shots, seed=seed, lock_timeout_s=lock_timeout_s)
+        out = retrain(line=line, data_dir=data_dir, registry=registry, reason=reason, warm_start=champion is not None,
+                      train_config=train_config, shots=shots, seed=seed, lock_timeout_s=lock_timeout_s, gate=gate,
+                      supervised_adapt={"seed": seed, **(supervised_adapt or {})})
         return {**out, "mode": "supervised"}
+    if champion is None:
+        raise NoChampionError(f"line {line!r} has no champion to adapt and {data_dir or 'no data_dir'} holds no "
+                              "labelled images to train one from")
     if not recent_dir:
         raise ValueError("no labelled data_dir and no recent_dir of new-domain images: nothing to adapt on")
     logger.info("no labels: label-free adaptation on %s", recent_dir)

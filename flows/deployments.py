@@ -1,18 +1,21 @@
-"""Deployments of the retrain flow, and the drift automation that runs it.
+"""Deployments of the retrain and re-adaptation flows, and the drift automation that runs the latter.
 
 What :func:`apply_deployments` puts on a Prefect server (idempotent: run it again after a change):
 
 * a ``process`` work pool (default ``defect-training``); training machines each run
   ``prefect worker start --pool defect-training``;
 * ``retrain/on-demand``: no schedule; run by hand (``prefect deployment run retrain/on-demand
-  -p line=... -p data_dir=...``), by :func:`prefect.deployments.run_deployment`, or by
-* the drift automation, a trigger of ``on-demand``: every ``defect.drift.detected`` event of a
-  resource ``defect.line.<line>`` runs the deployment with ``line``, ``data_dir`` and a ``reason``
-  rendered from the event (Jinja, evaluated by the server), and the site's ``registry``;
+  -p line=... -p data_dir=...``) or by :func:`prefect.deployments.run_deployment`;
 * ``retrain/weekly``: one cron schedule per line, each carrying that line's ``line`` and
-  ``data_dir`` (``<data_root>/<line>``).
+  ``data_dir`` (``<data_root>/<line>``);
+* ``readapt/on-drift`` (``flows.adapt.readapt``) with the drift automation as its trigger: every
+  ``defect.drift.detected`` event of a resource ``defect.line.<line>`` runs it with ``line``,
+  ``data_dir``, ``recent_dir`` and a ``reason`` rendered from the event (Jinja, evaluated by the
+  server), and the site's ``registry``. ``readapt`` retrains (warm-started, gated) when ``data_dir``
+  holds labelled images of the line's classes, and otherwise adapts the champion label-free on the
+  daemon's recent images (``recent_dir``) and writes a labelling request.
 
-The entry point is the module path ``flows.retrain.retrain``: workers import it from the installed
+The entry points are module paths (``flows.retrain.retrain``, ``flows.adapt.readapt``): workers import them from the installed
 package, so nothing is built, pushed or pulled, and a worker runs whatever version of the package
 is installed on its machine. Paths (registry, data) are made absolute here because a process worker
 runs each flow in a temporary working directory; they must name the same storage on every
@@ -26,11 +29,11 @@ The event contract, shared with the daemon (``pipeline.serve.drift.build_drift_e
                optional "registry", "data_dir", "recent_dir" (strings)}
     payload   optional "registry", "data_dir", "recent_dir", "summary", plus anything else
 
-Retraining needs *labelled* images (one folder per class). ``data_dir`` is taken from the event
-(payload, then resource labels) when it names one, else it is ``<data_root>/<line>``: the folder
-the site keeps labelled images of the line in, newest batches included. ``recent_dir`` (the
-daemon's flat, unlabelled sample of recent images) is never trained on; it goes into the run's
-reason so whoever labels new images knows where to find them. The registry is always the site's
+Supervised re-adaptation needs *labelled* images (one folder per class). ``data_dir`` is taken from
+the event (payload, then resource labels) when it names one, else it is ``<data_root>/<line>``: the
+folder the site keeps labelled images of the line in, newest batches included. ``recent_dir`` (the
+daemon's flat, unlabelled sample of recent images) is what label-free adaptation uses when there
+are no labels; it also goes into the run's reason so whoever labels new images knows where to find them. The registry is always the site's
 (``--registry`` at setup): a training machine may mount storage elsewhere than the daemon, and a
 retrain into a folder no daemon follows would change nothing; when the event names a different
 registry the reason says so.
@@ -64,9 +67,12 @@ LINE_RESOURCE_PREFIX = "defect.line."
 DEFAULT_WORK_POOL = "defect-training"
 FLOW_NAME = "retrain"
 ENTRYPOINT = "flows.retrain.retrain"
+READAPT_FLOW_NAME = "readapt"
+READAPT_ENTRYPOINT = "flows.adapt.readapt"
 ON_DEMAND = "on-demand"
 WEEKLY = "weekly"
-DRIFT_TRIGGER_NAME = "defect-drift-retrain"
+ON_DRIFT = "on-drift"
+DRIFT_TRIGGER_NAME = "defect-drift-readapt"
 DEFAULT_CRON = "0 2 * * 0"  # Sundays 02:00: the line is usually down, the worker idle
 TAGS = ("defect", "retrain")
 
@@ -131,7 +137,8 @@ class DeploymentSettings(BaseModel):
     # Runs the pool hands out at once, over all its workers (None: unbounded; bound CPU per machine
     # with ``prefect worker start --limit N``).
     pool_concurrency: int | None = Field(None, ge=1)
-    # Site-wide defaults for the flow's other parameters: train_config, gate, target_frr, shots, ...
+    # Site-wide defaults for the flows' other parameters: train_config, gate, target_frr, shots, label_free, ...
+    # (each deployment gets those its flow takes).
     defaults: dict[str, Any] = Field(default_factory=dict)
     drift_trigger: bool = True
 
@@ -143,12 +150,10 @@ class DeploymentSettings(BaseModel):
     @field_validator("defaults")
     @classmethod
     def _known_parameters(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from flows.retrain import retrain
-
-        allowed = set(inspect.signature(retrain.fn).parameters) - _PER_RUN - {"registry"}
+        allowed = (_flow_parameters("retrain") | _flow_parameters("readapt")) - _PER_RUN - {"registry", "recent_dir"}
         unknown = sorted(set(v) - allowed)
         if unknown:
-            raise ValueError(f"unknown retrain parameters {unknown}; allowed: {sorted(allowed)} "
+            raise ValueError(f"unknown flow parameters {unknown}; allowed: {sorted(allowed)} "
                              "(line and data_dir are set per run, registry by the registry setting)")
         return v
 
@@ -165,6 +170,15 @@ class DeploymentSettings(BaseModel):
             raise ValueError("a data root is needed: <data_root>/<line> is the labelled folder a line retrains "
                              "on, weekly and on drift (or pass no lines and disable the drift trigger)")
         return self
+
+
+def _flow_parameters(name: str) -> set[str]:
+    """Parameter names of the ``retrain`` or ``readapt`` flow."""
+    if name == "retrain":
+        from flows.retrain import retrain as fl
+    else:
+        from flows.adapt import readapt as fl
+    return set(inspect.signature(fl.fn).parameters)
 
 
 class SetupResult(BaseModel):
@@ -206,6 +220,7 @@ def drift_trigger_parameters(settings: DeploymentSettings) -> dict[str, str]:
     event_registry = "(event.payload.get('registry') or event.resource.get('registry'))"
     recent = "(event.payload.get('recent_dir') or event.resource.get('recent_dir'))"
     return {
+        "recent_dir": "{{ " + recent + " }}",
         # Whole expressions in parentheses: the server appends "| tojson", which binds tighter than "or".
         "line": "{{ " + line + " }}",
         "data_dir": ("{{ (event.payload.get('data_dir') or event.resource.get('data_dir') or "
@@ -228,7 +243,7 @@ def drift_trigger(settings: DeploymentSettings) -> DeploymentEventTrigger:
 
     return DeploymentEventTrigger(
         name=DRIFT_TRIGGER_NAME,
-        description="Retrain a line when its inspection daemon reports drift (event defect.drift.detected).",
+        description="Re-adapt a line when its inspection daemon reports drift (event defect.drift.detected).",
         expect={DRIFT_EVENT},
         match={"prefect.resource.id": LINE_RESOURCE_PREFIX + "*"},
         for_each={"prefect.resource.id"},  # lines are counted separately
@@ -237,27 +252,37 @@ def drift_trigger(settings: DeploymentSettings) -> DeploymentEventTrigger:
 
 
 def build_deployments(settings: DeploymentSettings) -> list[RunnerDeployment]:
-    """The two deployments, not yet applied: ``on-demand`` (with the drift trigger) and ``weekly``.
+    """The three deployments, not yet applied: ``retrain/on-demand``, ``retrain/weekly`` and
+    ``readapt/on-drift`` (with the drift trigger).
 
     The weekly schedules are not part of them: :func:`apply_deployments` reconciles those itself,
     because updating a deployment does not replace schedules it already has.
     """
     from prefect.deployments.runner import EntrypointType
 
+    from flows.adapt import readapt
     from flows.retrain import retrain
 
     s = _absolute(settings)
     if s.lines and s.data_root is None:
         raise ValueError("weekly schedules need a data root: each line retrains on <data_root>/<line>")
-    base = {**s.defaults, "registry": str(s.registry)}
-    common = dict(work_pool_name=s.work_pool, entrypoint_type=EntrypointType.MODULE_PATH, tags=list(TAGS),
-                  parameters=base)
+
+    def common(flow_name: str) -> dict[str, Any]:
+        accepted = _flow_parameters(flow_name)
+        params = {k: v for k, v in s.defaults.items() if k in accepted}
+        return dict(work_pool_name=s.work_pool, entrypoint_type=EntrypointType.MODULE_PATH, tags=list(TAGS),
+                    parameters={**params, "registry": str(s.registry)})
+
     on_demand = retrain.to_deployment(
-        ON_DEMAND, description="Retrain one line now (by hand, run_deployment, or the drift automation).",
-        triggers=[drift_trigger(s)] if s.drift_trigger else [], **common)
+        ON_DEMAND, description="Retrain one line now (by hand or run_deployment).", **common(FLOW_NAME))
     weekly = retrain.to_deployment(
-        WEEKLY, description="Scheduled retrain of every line listed at setup, one cron schedule per line.", **common)
-    return [on_demand, weekly]
+        WEEKLY, description="Scheduled retrain of every line listed at setup, one cron schedule per line.",
+        **common(FLOW_NAME))
+    on_drift = readapt.to_deployment(
+        ON_DRIFT, description="Re-adapt a line after a drift alarm: supervised with labelled current-domain "
+                              "images, else label-free on the daemon's recent images (the drift automation).",
+        triggers=[drift_trigger(s)] if s.drift_trigger else [], **common(READAPT_FLOW_NAME))
+    return [on_demand, weekly, on_drift]
 
 
 def weekly_schedules(settings: DeploymentSettings) -> dict[str, dict[str, Any]]:
@@ -327,11 +352,11 @@ def apply_deployments(settings: DeploymentSettings) -> SetupResult:
     deployments = build_deployments(s)  # validate everything before touching the server
     schedules = weekly_schedules(s)
     created = ensure_work_pool(s.work_pool, s.pool_concurrency)
-    ids = {f"{FLOW_NAME}/{d.name}": d.apply() for d in deployments}
+    ids = {f"{d.flow_name}/{d.name}": d.apply() for d in deployments}
     with get_client(sync_client=True) as client:
         _reconcile_schedules(client, ids[f"{FLOW_NAME}/{WEEKLY}"], schedules)
         automations = client.read_resource_related_automations(
-            f"prefect.deployment.{ids[f'{FLOW_NAME}/{ON_DEMAND}']}")
+            f"prefect.deployment.{ids[f'{READAPT_FLOW_NAME}/{ON_DRIFT}']}")
     return SetupResult(api_url=PREFECT_API_URL.value(), work_pool=s.work_pool, work_pool_created=created,
                        deployments=ids, automation_ids=[a.id for a in automations if a.name == DRIFT_TRIGGER_NAME],
                        scheduled_lines=list(s.lines), registry=str(s.registry),

@@ -340,7 +340,7 @@ def test_setup_creates_deployments_and_the_drift_automation(prefect_server: str,
     from prefect import get_client
     from prefect.events.actions import RunDeployment
 
-    from flows.deployments import ENTRYPOINT
+    from flows.deployments import ENTRYPOINT, READAPT_ENTRYPOINT
     from pipeline.cli.adapt_cmd import prefect_group
 
     cfg = _write_config(tmp_path / "site.yaml", DEGENERATE)
@@ -358,13 +358,17 @@ def test_setup_creates_deployments_and_the_drift_automation(prefect_server: str,
         pool = client.read_work_pool("pool-setup-test")
         on_demand = client.read_deployment_by_name("retrain/on-demand")
         weekly = client.read_deployment_by_name("retrain/weekly")
-        automations = client.read_resource_related_automations(f"prefect.deployment.{on_demand.id}")
+        on_drift = client.read_deployment_by_name("readapt/on-drift")
+        automations = client.read_resource_related_automations(f"prefect.deployment.{on_drift.id}")
+        assert client.read_resource_related_automations(f"prefect.deployment.{on_demand.id}") == []
     assert pool.type == "process" and pool.concurrency_limit == 2
-    for dep in (on_demand, weekly):
-        assert dep.entrypoint == ENTRYPOINT == "flows.retrain.retrain" and dep.work_pool_name == "pool-setup-test"
+    for dep in (on_demand, weekly, on_drift):
+        assert dep.work_pool_name == "pool-setup-test"
         assert dep.parameters == {"registry": str(reg), "train_config": DEGENERATE}
         assert "retrain" in dep.tags
-    assert on_demand.schedules == []
+    assert on_demand.entrypoint == weekly.entrypoint == ENTRYPOINT == "flows.retrain.retrain"
+    assert on_drift.entrypoint == READAPT_ENTRYPOINT == "flows.adapt.readapt"
+    assert on_demand.schedules == [] and on_drift.schedules == []
     by_slug = {s.slug: s for s in weekly.schedules}
     assert set(by_slug) == {"weekly-a", "weekly-b"}
     assert by_slug["weekly-b"].schedule.cron == "0 3 * * 1" and by_slug["weekly-b"].schedule.timezone == "Europe/Berlin"
@@ -372,15 +376,15 @@ def test_setup_creates_deployments_and_the_drift_automation(prefect_server: str,
     assert by_slug["weekly-b"].parameters["data_dir"] == str(root / "b")
 
     (auto,) = automations
-    assert auto.name == "defect-drift-retrain" and auto.enabled
+    assert auto.name == "defect-drift-readapt" and auto.enabled
     trigger = auto.trigger
     assert trigger.expect == {"defect.drift.detected"}
     assert trigger.match.model_dump() == {"prefect.resource.id": "defect.line.*"}
     assert trigger.for_each == {"prefect.resource.id"}
     assert trigger.posture == "Reactive" and trigger.threshold == 1
     (action,) = auto.actions
-    assert isinstance(action, RunDeployment) and action.deployment_id == on_demand.id
-    assert set(action.parameters) == {"line", "data_dir", "registry", "reason"}
+    assert isinstance(action, RunDeployment) and action.deployment_id == on_drift.id
+    assert set(action.parameters) == {"line", "data_dir", "recent_dir", "registry", "reason"}
     assert "event.payload.get('data_dir')" in action.parameters["data_dir"]
 
     # Idempotent: again with one line -> same deployments, one schedule, still one automation.
@@ -389,7 +393,7 @@ def test_setup_creates_deployments_and_the_drift_automation(prefect_server: str,
     assert json.loads(res.stdout)["deployments"] == out["deployments"]
     with get_client(sync_client=True) as client:
         weekly = client.read_deployment_by_name("retrain/weekly")
-        automations = client.read_resource_related_automations(f"prefect.deployment.{on_demand.id}")
+        automations = client.read_resource_related_automations(f"prefect.deployment.{on_drift.id}")
     assert [s.slug for s in weekly.schedules] == ["weekly-a"] and len(automations) == 1
 
     bad = CliRunner().invoke(prefect_group, ["setup", "--work-pool", "pool-setup-test", "--cron", "61 * * *"])
@@ -398,8 +402,10 @@ def test_setup_creates_deployments_and_the_drift_automation(prefect_server: str,
     assert nodata.exit_code == 2 and "data root" in nodata.output
 
 
-def test_drift_event_runs_the_on_demand_deployment(prefect_server: str, data_root: Path, tmp_path: Path) -> None:
-    """defect.drift.detected -> automation -> flow run of retrain/on-demand -> a worker runs it -> champion."""
+def test_drift_event_runs_the_readapt_deployment(prefect_server: str, data_root: Path, tmp_path: Path) -> None:
+    """defect.drift.detected -> automation -> flow run of readapt/on-drift -> a worker runs it -> champion.
+
+    The line has labelled data and no champion yet, so readapt trains its first model (supervised)."""
     import anyio
     from prefect import get_client
     from prefect.workers.process import ProcessWorker
@@ -410,7 +416,7 @@ def test_drift_event_runs_the_on_demand_deployment(prefect_server: str, data_roo
     reg = tmp_path / "models"
     setup = apply_deployments(DeploymentSettings(work_pool="pool-drift-test", registry=reg, data_root=data_root,
                                                  defaults={"train_config": DEGENERATE}))
-    dep_id = setup.deployments["retrain/on-demand"]
+    dep_id = setup.deployments["readapt/on-drift"]
     sent = CliRunner().invoke(prefect_group, ["emit-drift", "--line", LINE, "--summary", "embedding drift 0.31 > 0.12",
                                               "--recent", str(tmp_path / "recent"),
                                               "--registry", "/mnt/elsewhere/models"])
@@ -421,6 +427,7 @@ def test_drift_event_runs_the_on_demand_deployment(prefect_server: str, data_roo
     assert run.parameters["data_dir"] == str(data_root / LINE)  # the event named none: <data root>/<line>
     assert run.parameters["registry"] == str(reg)  # the site's, whatever the event says
     assert run.parameters["train_config"] == DEGENERATE  # the deployment's defaults still apply
+    assert run.parameters["recent_dir"] == str(tmp_path / "recent")  # for label-free adaptation
     assert f"recent images: {tmp_path / 'recent'}" in run.parameters["reason"]
     assert "the daemon serves from /mnt/elsewhere/models" in run.parameters["reason"]
     assert run.parameters["reason"].startswith(f"drift alarm on {LINE} at ")
@@ -511,12 +518,15 @@ def test_prefect_yaml_matches_the_python_setup(tmp_path: Path, monkeypatch: pyte
     spec = apply_values(yaml.safe_load((REPO / "deploy" / "prefect.yaml").read_text()), dict(os.environ),
                         remove_notset=False)
     deps = {d["name"]: d for d in spec["deployments"]}
-    assert set(deps) == {"on-demand", "weekly"}
+    assert set(deps) == {"on-demand", "weekly", "on-drift"}
     assert spec["pull"] == [] and spec["build"] is None
     for d in deps.values():
-        assert d["entrypoint"] == "flows.retrain.retrain" and d["work_pool"]["name"] == "site-pool"
+        assert d["work_pool"]["name"] == "site-pool"
         assert d["parameters"] == {"registry": str(tmp_path / "models")}
-    (yaml_trigger,) = deps["on-demand"]["triggers"]
+    assert deps["on-demand"]["entrypoint"] == deps["weekly"]["entrypoint"] == "flows.retrain.retrain"
+    assert deps["on-drift"]["entrypoint"] == "flows.adapt.readapt"
+    assert "triggers" not in deps["on-demand"] and "triggers" not in deps["weekly"]
+    (yaml_trigger,) = deps["on-drift"]["triggers"]
     py = drift_trigger(DeploymentSettings(registry=tmp_path / "models", data_root=tmp_path / "data"))
     assert yaml_trigger["parameters"] == py.parameters
     assert yaml_trigger["expect"] == [DRIFT_EVENT] and set(yaml_trigger["expect"]) == py.expect
@@ -625,10 +635,10 @@ def test_real_server_worker_run_deployment_and_drift_event(data_root: Path, tmp_
             from prefect import get_client
 
             with get_client(sync_client=True) as client:
-                dep = client.read_deployment_by_name("retrain/on-demand")
+                dep = client.read_deployment_by_name("readapt/on-drift")
                 autos = client.read_resource_related_automations(f"prefect.deployment.{dep.id}")
-            assert dep.entrypoint == "flows.retrain.retrain" and dep.parameters == {"registry": str(reg)}
-            assert [a.name for a in autos] == ["defect-drift-retrain"]
+            assert dep.entrypoint == "flows.adapt.readapt" and dep.parameters == {"registry": str(reg)}
+            assert [a.name for a in autos] == ["defect-drift-readapt"]
         run(cli + ["setup", "--work-pool", pool, "--registry", str(reg), "--data-root", str(data_root),
                    "--line", LINE, "--config", str(trained_cfg)])
 
@@ -644,11 +654,12 @@ def test_real_server_worker_run_deployment_and_drift_event(data_root: Path, tmp_
             assert first.state is not None and first.state.is_completed(), f"{first.state}{logs()}"
             assert read_champion(reg, LINE) == "v0001"
 
-            # 2. A drift event: the automation runs on-demand with the site's (trained) config: a better model.
+            # 2. A drift event: the automation runs readapt/on-drift with the site's (trained) config; the line's
+            #    folder is labelled, so a supervised, warm-started retrain: a better model.
             emit_drift_event(LINE, summary="slow test drift")
 
             def drift_run_done() -> Any:
-                runs = [r for r in _flow_runs(dep.id) if r.id != first.id]
+                runs = _flow_runs(dep.id)
                 if runs and runs[0].state is not None and runs[0].state.is_final():
                     return runs[0]
                 assert worker.poll() is None, f"worker exited{logs()}"

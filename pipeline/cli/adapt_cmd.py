@@ -203,7 +203,7 @@ def _require_server() -> str:
 def setup_cmd(work_pool: str, registry_dir: Path, data_root: Path | None, lines: tuple[str, ...], cron: str,
               timezone: str, pool_concurrency: int | None, config_file: Path | None, no_drift_trigger: bool,
               as_json: bool) -> None:
-    """Create or update the work pool, retrain/on-demand (+ drift automation) and retrain/weekly."""
+    """Create or update the work pool, retrain/on-demand, retrain/weekly and readapt/on-drift (+ drift automation)."""
     from pydantic import ValidationError
 
     from flows.deployments import DeploymentSettings, apply_deployments
