@@ -152,3 +152,44 @@ def test_regression_beyond_tolerance_is_always_refused(ba: float, recall: float,
     assume(challenger[key] - drop >= 0)
     challenger[key] = challenger[key] - drop
     assert not decide(challenger, champion, cfg).promote
+
+
+# -- defect recall at matched false-reject rate -------------------------------------------------------------
+
+M = "defect_recall_at_target_frr_oracle"
+
+
+def test_stricter_threshold_is_not_a_recall_regression_when_matched_recall_holds() -> None:
+    """Measured on magnetic-tile after an exposure shift: the champion's stale threshold rejected 16.8 % of
+    good tiles for 0.890 recall; the re-adapted model sat at 2.4 % FRR with 0.568 recall, and separates the
+    classes better at the target FRR. Comparing thresholded recall alone kept the champion."""
+    champion = metrics(ba=0.854, recall=0.890, frr=0.168, **{M: 0.50})
+    challenger = metrics(ba=0.894, recall=0.568, frr=0.024, **{M: 0.61})
+    d = decide(challenger, champion)
+    assert d.promote, d.reasons
+    assert any("not compared" in r and "rejects fewer good parts" in r for r in d.reasons)
+    assert d.deltas[M] == pytest.approx(0.11)
+    # the old rule (thresholded recall only) refuses it
+    assert not decide(challenger, champion, GateConfig(compare_at_matched_frr=False)).promote
+
+
+def test_matched_recall_regression_refuses() -> None:
+    champion = metrics(ba=0.90, recall=0.80, frr=0.10, **{M: 0.70})
+    challenger = metrics(ba=0.90, recall=0.70, frr=0.02, **{M: 0.60})  # stricter, and worse at matched FRR
+    d = decide(challenger, champion)
+    assert not d.promote and any(M in r and "regresses" in r for r in d.reasons)
+
+
+def test_thresholded_recall_still_compared_at_similar_frr() -> None:
+    champion = metrics(ba=0.90, recall=0.80, frr=0.02, **{M: 0.70})
+    challenger = metrics(ba=0.90, recall=0.70, frr=0.015, **{M: 0.72})  # same FRR within tolerance, lower recall
+    d = decide(challenger, champion)
+    assert not d.promote and any(r.startswith("defect_recall_at_frr") and "regresses" in r for r in d.reasons)
+
+
+def test_matched_recall_needs_both_sides() -> None:
+    """A champion scored before the metric existed: thresholded recall only, as before."""
+    champion = metrics(ba=0.854, recall=0.890, frr=0.168)
+    challenger = metrics(ba=0.894, recall=0.568, frr=0.024, **{M: 0.61})
+    d = decide(challenger, champion)
+    assert not d.promote and M not in d.deltas
