@@ -75,15 +75,33 @@ def sidecar_path(onnx_path: str | os.PathLike) -> Path:
     return Path(onnx_path).with_suffix(".json")
 
 
+PRECISIONS = ("fp32", "int8", "fp16")
+
+
+def precision_path(model_path: str | os.PathLike, precision: str) -> Path:
+    """Where a precision variant of a model lives: ``x/model.onnx`` -> ``x/model.int8.onnx`` / ``x/model.fp16.onnx``.
+
+    ``fp32`` is the model itself. The variants are written by ``pipeline.export.precision`` beside it.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    p = Path(model_path)
+    return p if precision == "fp32" else p.with_name(f"{p.name.split('.')[0]}.{precision}.onnx")
+
+
 def write_json_atomic(path: str | os.PathLike, text: str) -> None:
     """Write-temp, fsync, rename: readers see the old or the new file, never half of one."""
     p = Path(path)
     tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:  # a full disk: the old file stays whole and no half-written temp is left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_metadata(meta: ModelMetadata, path: str | os.PathLike) -> None:

@@ -105,7 +105,7 @@ def validate_name(name: str, kind: str = "name") -> str:
     Names become folder names, so anything with separators, a leading dot or odd characters
     (path traversal, hidden files) is refused up front.
     """
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise InvalidNameError(f"invalid {kind} name {name!r}: must match {NAME_PATTERN}")
     if kind == "version" and name in _RESERVED_VERSIONS:
         raise InvalidNameError(f"invalid version name {name!r}: reserved for the registry's own files")
@@ -426,7 +426,7 @@ class Registry:
         """Lines that have at least a folder in the registry, sorted."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME_RE.match(p.name))
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME_RE.fullmatch(p.name))
 
     def list_versions(self, line: str | None = None) -> list[ModelVersion]:
         """Registered versions of one line (or of all lines), in version order.
@@ -442,7 +442,7 @@ class Registry:
                 continue
             champ = read_champion(self.root, ln)
             names = sorted((p.name for p in ldir.iterdir()
-                            if p.is_dir() and _NAME_RE.match(p.name) and p.name not in _RESERVED_VERSIONS),
+                            if p.is_dir() and _NAME_RE.fullmatch(p.name) and p.name not in _RESERVED_VERSIONS),
                            key=_version_sort_key)
             for name in names:
                 try:
@@ -606,7 +606,7 @@ class Registry:
 
     @staticmethod
     def _next_version(ldir: Path) -> str:
-        nums = [int(m.group(1)) for p in ldir.iterdir() if (m := _AUTO_VERSION_RE.match(p.name))]
+        nums = [int(m.group(1)) for p in ldir.iterdir() if (m := _AUTO_VERSION_RE.fullmatch(p.name))]
         return f"v{max(nums, default=0) + 1:04d}"
 
     # ---- champion
@@ -706,6 +706,9 @@ class Registry:
                 tmp.unlink()
             raise
         _fsync_dir(ldir)
+        for stale in ldir.glob(f".{CHAMPION_FILE}.tmp-*"):  # from a switch killed before its rename; we hold
+            with contextlib.suppress(OSError):           # the line lock, so no other switch is under way
+                stale.unlink()
 
     def _append_history(self, line: str, entry: HistoryEntry) -> None:
         p = self.root / line / HISTORY_FILE

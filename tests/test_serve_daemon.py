@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from pipeline.metadata import load_metadata, save_metadata, sha256_file
+from pipeline.registry import Registry
 from pipeline.serve.store import ResultRow, ResultStore, iter_all, utc_iso
 from tests.tiny_model import make_tiny_model
 
@@ -357,14 +358,17 @@ def test_hot_swap_under_load_and_refused_models(tmp_path, served):
     root, watch, db = tmp_path / "models", tmp_path / "in", tmp_path / "r.sqlite"
     watch.mkdir()
     line = root / "line1"
-    versioned_model(line / "v1", "v1")
-    versioned_model(line / "v2", "v2", bias=2.0)
-    tampered = versioned_model(line / "v3", "v3")
+    reg = Registry(root)  # the daemon serves registered versions only (their registry.json checksums)
+    reg.register("line1", make_tiny_model(tmp_path / "run1").parent, version="v1")
+    reg.register("line1", make_tiny_model(tmp_path / "run2", bias=2.0).parent, version="v2")
+    reg.register("line1", make_tiny_model(tmp_path / "run3").parent, version="v3")
+    tampered = line / "v3" / "model.onnx"
     tampered.write_bytes(tampered.read_bytes() + b"\0")  # sha256 no longer matches model.json
-    broken = versioned_model(line / "v4", "v4")
+    broken = make_tiny_model(tmp_path / "run4")
     broken.write_bytes(b"garbage, not ONNX")
     save_metadata(load_metadata(broken).model_copy(update={"onnx_sha256": sha256_file(broken)}),
                   broken.with_suffix(".json"))
+    reg.register("line1", broken.parent, version="v4")
 
     def point(version: str) -> None:
         (line / ".CHAMPION.tmp").write_text(version + "\n")

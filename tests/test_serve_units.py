@@ -349,11 +349,11 @@ def test_holder_swaps_only_between_batches_and_refuses_tampering(tmp_path):
 
 
 def test_reverting_before_the_swap_keeps_the_serving_model(tmp_path):
-    from pipeline.registry import model_dir
+    from pipeline.registry import Registry
 
     root = tmp_path / "models"
     for v, bias in (("v1", 0.0), ("v2", 1.0)):
-        _versioned(model_dir(root, "l", v), v, bias)
+        Registry(root).register("l", make_tiny_model(tmp_path / f"run-{v}", bias=bias).parent, version=v)
     champion = root / "l" / "CHAMPION"
     champion.write_text("v1\n")
     holder = ModelHolder(ModelLocator(root, "l"), RuntimeOptions(), ServeMetrics(), poll_interval_s=60)

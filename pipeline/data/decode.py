@@ -35,26 +35,66 @@ class ImageDecodeError(ValueError):
         self.kind = kind
 
 
+_BLOCK_SAMPLES = 1 << 20  # float conversion works on row blocks of about this many samples
+
+
 def _to_uint8(img: np.ndarray) -> np.ndarray:
     if img.dtype == np.uint8:
         return img
-    if img.dtype == np.uint16:
-        return (img >> 8).astype(np.uint8)
+    if img.dtype == np.uint16:  # no full-size uint16 temporary: shifted straight into the uint8 output
+        out = np.empty(img.shape, np.uint8)
+        np.right_shift(img, 8, out=out, casting="unsafe")
+        return out
     if img.dtype == np.int8:
         return (img.astype(np.int16) + 128).astype(np.uint8)
     if img.dtype == np.int16:
         return ((img.astype(np.int32) + 32768) >> 8).astype(np.uint8)
-    f = img.astype(np.float64)
-    finite = np.isfinite(f)
-    if not finite.any():
+    return _float_to_uint8(img)
+
+
+def _float_to_uint8(img: np.ndarray) -> np.ndarray:
+    """Float (or 32-bit int) pixels -> uint8: [0, 1] scaled, [0, 255] kept, anything wider stretched.
+
+    Works on row blocks: the float64 temporaries of a whole image would be 8-32 bytes per sample, so a
+    compressed float TIFF/HDR at the pixel limit would need gigabytes for a few hundred MB of pixels.
+    Non-finite pixels count as 0.
+    """
+    with np.errstate(invalid="ignore", over="ignore"):  # signalling NaNs raise "invalid" when widened
+        return _float_blocks_to_uint8(img)
+
+
+def _float_blocks_to_uint8(img: np.ndarray) -> np.ndarray:
+    rows = max(1, _BLOCK_SAMPLES // max(1, img[0].size))
+    blocks = [img[r:r + rows] for r in range(0, img.shape[0], rows)]
+    lo, hi, any_finite, all_finite = np.inf, -np.inf, False, True
+    for blk in blocks:
+        f = blk.astype(np.float64)
+        finite = np.isfinite(f)
+        if finite.any():
+            any_finite = True
+            lo, hi = min(lo, float(f[finite].min())), max(hi, float(f[finite].max()))
+        all_finite = all_finite and bool(finite.all())
+    if not any_finite:
         raise ImageDecodeError("invalid_pixels", "image has no finite pixel values")
-    f = np.where(finite, f, 0.0)
-    lo, hi = float(f.min()), float(f.max())
+    if not all_finite:  # non-finite pixels become 0 and take part in the range
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+    offset, scale = 0.0, 1.0
     if 0.0 <= lo and hi <= 1.0:
-        f = f * 255.0
+        scale = 255.0
     elif hi > 255.0 or lo < 0.0:
-        f = (f - lo) * (255.0 / max(hi - lo, 1e-12))
-    return np.clip(f + 0.5, 0, 255).astype(np.uint8)
+        offset = lo
+        # hi/2 - lo/2 cannot overflow where hi - lo can (float64 images spanning +-1e308)
+        scale = 127.5 / max(hi / 2 - lo / 2, 1e-12)
+    out = np.empty(img.shape, np.uint8)
+    row = 0
+    for blk in blocks:
+        f = blk.astype(np.float64)
+        f[~np.isfinite(f)] = 0.0
+        f = f * scale - offset * scale + 0.5
+        np.clip(f, 0, 255, out=f)
+        out[row:row + len(blk)] = f.astype(np.uint8)
+        row += len(blk)
+    return out
 
 
 def to_rgb_uint8(img: np.ndarray) -> np.ndarray:
@@ -163,6 +203,26 @@ def _header_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _png_chunk_problem(data: bytes) -> str | None:
+    """Why the PNG's chunk lengths cannot be right, or None when every chunk fits in the file.
+
+    OpenCV's PNG reader allocates what a chunk header declares before reading it: a 200-byte file
+    claiming a 2 GB IDAT costs 2-4 GB of memory and seconds of CPU (a memory bomb the pixel limit
+    does not see). A chunk longer than the rest of the file is corrupt or truncated either way.
+    """
+    i, n = 8, len(data)
+    while i + 8 <= n:
+        length, ctype = _u32(data, i, True), data[i + 4:i + 8]
+        if length > 0x7FFFFFFF or i + 12 + length > n:
+            name = ctype.decode("latin-1") if ctype.isalpha() else ctype.hex()
+            return (f"corrupt PNG: chunk {name} at byte {i} declares {length} bytes, "
+                    f"only {max(n - i - 12, 0)} follow")
+        if ctype == b"IEND":
+            return None
+        i += 12 + length
+    return None
+
+
 def image_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) read from the file header without decoding, or None for unknown formats."""
     return _header_size(data if isinstance(data, bytes) else bytes(data))
@@ -195,6 +255,8 @@ def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, spec: Prepro
     if size is not None and size[0] * size[1] > max_pixels:
         raise ImageDecodeError("too_large", f"image header says {size[0]}x{size[1]} = {size[0] * size[1]} pixels, "
                                             f"limit is {max_pixels}")
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and (problem := _png_chunk_problem(data)):
+        raise ImageDecodeError("undecodable", problem + _truncation_hint(data))
     buf = np.frombuffer(data, dtype=np.uint8)
     # Orientation is ignored on both paths: line cameras do not rotate, and EXIF must not change pixels.
     flags = cv2.IMREAD_UNCHANGED

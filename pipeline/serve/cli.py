@@ -31,6 +31,8 @@ def _settings_error(exc: Exception) -> click.UsageError:
 @click.option("--model", "model", help="model.onnx (with its model.json) or a registry folder (needs --line)")
 @click.option("--db", type=click.Path(dir_okay=False), help="SQLite results database (created if missing)")
 @click.option("--line", help="production line whose registry champion is served")
+@click.option("--precision", type=click.Choice(["fp32", "int8", "fp16"]),
+              help="serve model.int8.onnx / model.fp16.onnx beside the model (fp32 when absent) [fp32]")
 @click.option("--watch", type=click.Path(file_okay=False), help="hot folder to process")
 @click.option("--http", "http", metavar="HOST:PORT", help="serve the HTTP API (default host 127.0.0.1)")
 @click.option("--camera", metavar="SRC", help="device index, RTSP/HTTP URL or video file")
@@ -90,7 +92,7 @@ def serve(config_file: str | None, observers: tuple[str, ...], **flags: object) 
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
     try:
         code = daemon.run()
-    except RuntimeError as exc:  # e.g. the HTTP address is taken
+    except (RuntimeError, OSError, ValueError) as exc:  # the HTTP address is taken, an unusable hot folder
         raise click.ClickException(str(exc)) from None
     sys.exit(code)
 

@@ -27,6 +27,8 @@ class ServeSettings(BaseSettings):
     model: str = Field(description="an .onnx file (with its model.json sidecar) or a registry root folder")
     line: str | None = Field(None, description="production line; required when `model` is a registry folder")
     db: Path = Field(description="SQLite results database (created if missing)")
+    db_busy_timeout_s: float = Field(30.0, gt=0.0, description="a commit waits this long for a lock held by "
+                                     "another process (a reader's exclusive lock), then is retried with backoff")
 
     # Sources (at least one).
     watch: Path | None = Field(None, description="hot folder to pick up images from")
@@ -54,6 +56,8 @@ class ServeSettings(BaseSettings):
     max_upload_bytes: int = Field(32 * 1024 * 1024, ge=1, description="HTTP body limit -> 413")
     max_file_bytes: int = Field(256 * 1024 * 1024, ge=1)
     max_pixels: int = Field(50_000_000, ge=1)
+    max_inflight_mb: float = Field(512.0, gt=0.0, description="hot-folder file bytes held in memory at once "
+                                   "(each image keeps its bytes until committed); readers wait beyond it")
 
     # Hot folder.
     poll_interval_s: float = Field(0.2, gt=0.0, description="folder scan period; a file must keep its size "
@@ -62,6 +66,10 @@ class ServeSettings(BaseSettings):
     # Model.
     model_poll_interval_s: float = Field(2.0, gt=0.0, description="how often the model file / CHAMPION is checked")
     require_checksum: bool = Field(True, description="refuse models whose metadata carries no onnx_sha256")
+    precision: Literal["fp32", "int8", "fp16"] = Field(
+        "fp32", description="serve model.int8.onnx / model.fp16.onnx (written by `defect export --int8/--fp16`) "
+        "beside the model file or in the champion's version folder; when that file is absent, fp32 is served "
+        "and a warning logged")
     providers: list[str] | None = None
     intra_op_threads: int = Field(0, ge=0)
     opencv_threads: int = Field(1, ge=0, description="OpenCV's own thread pool; 1 because decode threads "

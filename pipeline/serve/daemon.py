@@ -44,7 +44,7 @@ from pipeline.preprocess import normalize
 from pipeline.runtime import Prediction
 from pipeline.serve.config import ServeSettings
 from pipeline.serve.drift import IMAGE_STATS_KEY, MODEL_KEY, DriftObserver, EventEmitter
-from pipeline.serve.jobs import Job, prepare, preprocess_job
+from pipeline.serve.jobs import ByteBudget, Job, prepare, preprocess_job
 from pipeline.serve.metrics import ServeMetrics
 from pipeline.serve.models import LoadedModel, ModelHolder, resolve_model_arg, runtime_options
 from pipeline.serve.observers import BatchObserver, BatchResult, ImageResult, ObserverDispatcher, load_observer
@@ -72,11 +72,11 @@ class Daemon:
         """``event_emitter`` replaces the Prefect transport of drift events (tests, other buses)."""
         self.settings = settings
         self.metrics = ServeMetrics()
-        locator = resolve_model_arg(settings.model, settings.line)
+        locator = resolve_model_arg(settings.model, settings.line, settings.precision)
         options = runtime_options(settings.providers, settings.intra_op_threads, settings.max_batch)
         self.holder = ModelHolder(locator, options, self.metrics, settings.model_poll_interval_s,
                                   settings.require_checksum, settings.infer_batch)
-        self.store = ResultStore(settings.db)
+        self.store = ResultStore(settings.db, busy_timeout_s=settings.db_busy_timeout_s)
         extra = [load_observer(spec, settings) for spec in settings.observers]
         self.drift: DriftObserver | None = None
         if settings.drift:
@@ -100,6 +100,7 @@ class Daemon:
         self._pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="decode")
         self._accepting = False
         self._abandon = threading.Event()  # drain timed out: stop retrying commits
+        self._budget = ByteBudget(int(settings.max_inflight_mb * 1024 * 1024), give_up=self._abandon)
         self._stop_requested = threading.Event()
         self._threads: list[threading.Thread] = []
         self.started_monotonic = time.monotonic()
@@ -137,7 +138,8 @@ class Daemon:
         try:
             s = self.settings
             want_stats = self.drift is not None and self.drift.wants_image_stats
-            prepare(job, self.holder.current.spec, s.max_pixels, s.max_file_bytes, self.store, want_stats)
+            prepare(job, self.holder.current.spec, s.max_pixels, s.max_file_bytes, self.store, want_stats,
+                    self._budget)
         except BaseException as exc:  # prepare() does not raise; this is the last line of defence
             job.fail("internal_error", f"{type(exc).__name__}: {exc}")
         finally:
@@ -340,6 +342,9 @@ class Daemon:
                 except InvalidStateError:  # the HTTP client timed out and cancelled it: the row stands
                     pass
             job.data = job.frame = job.image = None
+            if job.reserved:
+                self._budget.release(job.reserved)
+                job.reserved = 0
             job.drift_stats = None
             with self._count_lock:
                 self._depth -= 1

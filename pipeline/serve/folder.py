@@ -9,6 +9,10 @@ Convention for writers (documented in ``deploy/SERVING.md``):
 * Subfolders are scanned too (except the daemon's own ``done/`` and ``quarantine/`` at the top and
   hidden folders); the relative path is kept: ``DIR/a/b.png`` -> ``DIR/done/a/b.png``.
 * Every other regular file is an input: a non-image ends in ``quarantine/`` with ``<name>.reason.txt``.
+* Symbolic links are never followed: a link dropped in the folder (to a file or a folder) gets an error
+  row and is quarantined as it is (the link, not its target), and files are only ever moved through
+  real directories (``done/``, ``quarantine/`` and their subfolders are opened with ``O_NOFOLLOW``), so
+  whoever can write to the inbox cannot make the daemon read, move or write anything outside it.
 
 Polling, not inotify/watchdog: the stable-size rule needs periodic stats anyway, polling works the
 same on NFS/SMB shares and bind mounts (where inotify events are missing), and the folder stays
@@ -21,6 +25,7 @@ Exactly-once across crashes is explained in ``pipeline.serve.store``.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -30,7 +35,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.metadata import write_json_atomic
 from pipeline.serve.jobs import Job
 
 if TYPE_CHECKING:
@@ -55,16 +59,77 @@ def is_ignored(name: str) -> bool:
 
 def unique_destination(dest: Path, sha256: str | None) -> Path:
     """``dest`` if free, else ``stem.<sha8>.ext``, else ``stem.<sha8>.<n>.ext``."""
-    if not dest.exists():
-        return dest
+    fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return dest.with_name(unique_name_at(fd, dest.name, sha256))
+    finally:
+        os.close(fd)
+
+
+def open_dir_nofollow(root: Path, parts: tuple[str, ...], create: bool = False) -> int:
+    """A descriptor of ``root/parts...`` reached without following a symbolic link below ``root``.
+
+    ``root`` itself may be a link (the operator's choice); anything below it that is a link fails
+    with ``ELOOP``/``ENOTDIR``. ``create`` makes missing folders on the way (never through a link).
+    """
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in parts:
+            if create:
+                try:
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass
+            nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _exists_at(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def unique_name_at(dir_fd: int, name: str, sha256: str | None) -> str:
+    """``name`` if free in the folder, else ``stem.<sha8>.ext``, else ``stem.<sha8>.<n>.ext``."""
+    if not _exists_at(dir_fd, name):
+        return name
+    p = Path(name)
     tag = (sha256 or "nohash")[:8]
-    stem, ext = dest.stem, dest.suffix
-    cand = dest.with_name(f"{stem}.{tag}{ext}")
-    n = 1
-    while cand.exists():
-        cand = dest.with_name(f"{stem}.{tag}.{n}{ext}")
+    cand, n = f"{p.stem}.{tag}{p.suffix}", 1
+    while _exists_at(dir_fd, cand):
+        cand = f"{p.stem}.{tag}.{n}{p.suffix}"
         n += 1
     return cand
+
+
+def _write_atomic_at(dir_fd: int, name: str, text: str) -> None:
+    """Write-temp, fsync, rename inside an open folder; never through a link.
+
+    The temp name is fixed per target (one daemon per folder), so a temp left by a kill between write
+    and rename is overwritten and renamed when the move is redone: no stray files pile up.
+    """
+    tmp = f".{name}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except OSError:
+            pass
+        raise
 
 
 def reason_text(row: "ResultRow") -> str:
@@ -80,8 +145,12 @@ class HotFolder:
         self.root = Path(root)
         self.done_dir = self.root / DONE_DIR
         self.quarantine_dir = self.root / QUARANTINE_DIR
-        for d in (self.root, self.done_dir, self.quarantine_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        for d in (self.done_dir, self.quarantine_dir):
+            if d.is_symlink():
+                raise ValueError(f"{d} is a symbolic link: done/ and quarantine/ must be real folders inside "
+                                 f"the hot folder (files are never moved through links)")
+            d.mkdir(exist_ok=True)
         self._submit = submit
         self.metrics = metrics
         self.poll_interval_s = poll_interval_s
@@ -149,9 +218,9 @@ class HotFolder:
                         if not (prefix == "" and e.name in (DONE_DIR, QUARANTINE_DIR)):
                             stack.append((Path(e.path), rel + "/"))
                         continue
-                    if not e.is_file():
-                        continue
-                    st = e.stat()
+                    if not (e.is_file(follow_symlinks=False) or e.is_symlink()):
+                        continue  # FIFOs, sockets, devices: never opened (a FIFO would block a worker)
+                    st = e.stat(follow_symlinks=False)
                 except OSError:
                     continue  # vanished between listing and stat
                 found[rel] = (st.st_size, st.st_mtime_ns, st.st_ino)
@@ -225,15 +294,29 @@ class HotFolder:
             self._seen.pop(rel, None)
 
     def _move(self, rel: str, row: "ResultRow") -> None:
-        src = self.root / rel
-        if not src.exists():
-            raise FileNotFoundError(src)
-        base = self.done_dir if row.ok else self.quarantine_dir
-        dest = unique_destination(base / rel, row.sha256)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if not row.ok:
-            write_json_atomic(dest.with_name(dest.name + ".reason.txt"), reason_text(row))
-        os.replace(src, dest)
+        """Move ``rel`` to done/ or quarantine/ through descriptors opened without following links."""
+        parts = Path(rel).parts
+        base = DONE_DIR if row.ok else QUARANTINE_DIR
+        src_fd = dst_fd = -1
+        try:
+            src_fd = open_dir_nofollow(self.root, parts[:-1])
+            if not _exists_at(src_fd, parts[-1]):
+                raise FileNotFoundError(self.root / rel)
+            try:
+                dst_fd = open_dir_nofollow(self.root, (base, *parts[:-1]), create=True)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise OSError(exc.errno, f"{base}/{'/'.join(parts[:-1])} is (or passes through) a symbolic "
+                                             f"link or a file; not moving there") from exc
+                raise
+            name = unique_name_at(dst_fd, parts[-1], row.sha256)
+            if not row.ok:
+                _write_atomic_at(dst_fd, name + ".reason.txt", reason_text(row))
+            os.replace(parts[-1], name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+        finally:
+            for fd in (src_fd, dst_fd):
+                if fd >= 0:
+                    os.close(fd)
         with self._lock:
             if row.ok:
                 self.moved += 1

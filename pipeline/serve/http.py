@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 
 import asyncio
+import json
 import logging
 import threading
 from concurrent.futures import Future
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from pipeline.serve.jobs import Job
@@ -122,9 +124,25 @@ def create_app(daemon: "Daemon") -> FastAPI:
         return daemon.health()
 
     @app.post("/adapt", status_code=202)
-    def adapt(request: Request, body: dict[str, Any]) -> dict[str, Any]:
-        """Start `defect adapt` for this daemon's line in a separate process (the daemon never trains)."""
-        return start_adapt(settings, request.headers.get("authorization", ""), body)
+    async def adapt(request: Request) -> dict[str, Any]:
+        """Start `defect adapt` for this daemon's line in a separate process (the daemon never trains).
+
+        The token is checked before a byte of the body is read, and the body is small and bounded:
+        an unauthenticated client cannot make the daemon buffer anything.
+        """
+        authorization = request.headers.get("authorization", "")
+        check_adapt_token(settings, authorization)
+        try:
+            raw = await read_body_limited(request, ADAPT_MAX_BODY_BYTES)
+        except PayloadTooLarge:
+            raise HTTPException(413, f"POST /adapt bodies are at most {ADAPT_MAX_BODY_BYTES} bytes") from None
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError:
+            raise HTTPException(422, "the body must be a JSON object") from None
+        if not isinstance(body, dict):
+            raise HTTPException(422, "the body must be a JSON object")
+        return await run_in_threadpool(start_adapt, settings, authorization, body)
 
     @app.get("/metrics")
     def metrics() -> Response:
@@ -141,22 +159,31 @@ def create_app(daemon: "Daemon") -> FastAPI:
     return app
 
 
-def start_adapt(settings: Any, authorization: str, body: dict[str, Any]) -> dict[str, Any]:
-    """Check token and parameters, then launch the gated retrain; returns what was started.
+ADAPT_MAX_BODY_BYTES = 64 * 1024
 
-    Off (404) without ``adapt_token``; 401 on a wrong token (constant-time compare); the data folder must
-    resolve inside ``adapt_data_root`` (no traversal, no absolute paths elsewhere); needs a registry model.
-    """
+
+def check_adapt_token(settings: Any, authorization: str) -> None:
+    """404 when POST /adapt is off (no ``adapt_token``), 401 unless the bearer token matches (constant time)."""
     import hmac
-    import subprocess
-    import sys
-    from pathlib import Path
 
     if not settings.adapt_token:
         raise HTTPException(404, "POST /adapt is disabled (set adapt_token to enable it)")
     expected = f"Bearer {settings.adapt_token}"
     if not hmac.compare_digest(authorization.encode(), expected.encode()):
         raise HTTPException(401, "missing or wrong bearer token")
+
+
+def start_adapt(settings: Any, authorization: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Check token and parameters, then launch the gated retrain; returns what was started.
+
+    Off (404) without ``adapt_token``; 401 on a wrong token (constant-time compare); the data folder must
+    resolve inside ``adapt_data_root`` (no traversal, no absolute paths elsewhere); needs a registry model.
+    """
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    check_adapt_token(settings, authorization)
     if not settings.registry_mode or not settings.line:
         raise HTTPException(409, "this daemon serves a model file, not a registry line: nothing to re-adapt")
     if not settings.adapt_data_root:

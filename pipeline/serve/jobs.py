@@ -7,7 +7,11 @@ preprocess it again for the new model instead of scoring it with the wrong geome
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
+import stat
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -24,6 +28,37 @@ from pipeline.serve.observers import ImageStats
 
 if TYPE_CHECKING:
     from pipeline.serve.store import ResultRow, ResultStore
+
+
+class ByteBudget:
+    """Caps the file bytes that accepted jobs hold in memory at once.
+
+    A job keeps its payload until its row is committed (a hot-swap may need to decode it again), so
+    without a cap ``max_queue`` big files could be held together while commits wait (a locked or full
+    database): 32 x 24 MB was +530 MB. A reader waits while the budget is spent; one file larger than
+    the whole budget still goes through, alone.
+    """
+
+    def __init__(self, limit_bytes: int, give_up: threading.Event | None = None):
+        self.limit = limit_bytes
+        self.used = 0
+        self._give_up = give_up or threading.Event()
+        self._cv = threading.Condition()
+
+    def acquire(self, n: int) -> bool:
+        """Reserve ``n`` bytes, waiting for room; False when the daemon gave up waiting (shutdown)."""
+        with self._cv:
+            while self.used > 0 and self.used + n > self.limit:
+                if self._give_up.is_set():
+                    return False
+                self._cv.wait(0.2)
+            self.used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self._cv:
+            self.used -= n
+            self._cv.notify_all()
 
 
 @dataclass(eq=False)
@@ -52,6 +87,7 @@ class Job:
     skipped: str | None = None  # why nothing is recorded now (file vanished, ledger unreadable): retried later
     scored_at: float | None = None
     completed: bool = False  # set once by the daemon; guards the capacity slot against double release
+    reserved: int = 0  # bytes of the in-flight budget this job holds (released when it completes)
 
     def fail(self, kind: str, message: str) -> None:
         self.error_kind, self.error_message = kind, message
@@ -112,7 +148,7 @@ def _drift_statistics(job: Job, img: np.ndarray) -> None:
 
 
 def prepare(job: Job, spec: PreprocessSpec, max_pixels: int, max_file_bytes: int,
-            store: "ResultStore | None", drift_stats: bool = False) -> Job:
+            store: "ResultStore | None", drift_stats: bool = False, budget: ByteBudget | None = None) -> Job:
     """Worker step: read, hash, look up the ledger (folder), decode, preprocess. Always returns the job.
 
     A folder file gets its idempotency key before anything can fail, so even an error row is never
@@ -120,7 +156,7 @@ def prepare(job: Job, spec: PreprocessSpec, max_pixels: int, max_file_bytes: int
     """
     try:
         if job.path is not None:
-            if not _read_file(job, max_file_bytes, store):
+            if not _read_file(job, max_file_bytes, store, budget):
                 return job
         if job.frame is not None:
             job.sha256 = hashlib.sha256(np.ascontiguousarray(job.frame).data).hexdigest()
@@ -139,30 +175,50 @@ def prepare(job: Job, spec: PreprocessSpec, max_pixels: int, max_file_bytes: int
     return job
 
 
-def _read_file(job: Job, max_file_bytes: int, store: "ResultStore | None") -> bool:
-    """Read a folder file into ``job.data``; False when the job is settled without scoring."""
+def _read_file(job: Job, max_file_bytes: int, store: "ResultStore | None", budget: ByteBudget | None = None
+               ) -> bool:
+    """Read a folder file into ``job.data``; False when the job is settled without scoring.
+
+    ``budget``: room for the file's bytes is reserved before reading (``job.reserved``; the daemon
+    releases it when the job completes)."""
     assert job.path is not None
     try:
-        st = job.path.stat()
-        if st.st_size > max_file_bytes:
-            job.idem_key = f"{job.source}|oversize:{st.st_size}:{st.st_mtime_ns}"
-            if _lookup(job, store) and job.existing is None:
-                job.fail("too_large", f"file is {st.st_size} bytes, limit is {max_file_bytes}")
-            return False
-        job.data = job.path.read_bytes()
+        # O_NOFOLLOW: a link dropped in the hot folder is refused, never read (it could point anywhere the
+        # daemon may read); O_NONBLOCK: a FIFO swapped in after the scan cannot block the worker.
+        fd = os.open(job.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
+            if st.st_size > max_file_bytes:
+                job.idem_key = f"{job.source}|oversize:{st.st_size}:{st.st_mtime_ns}"
+                if _lookup(job, store) and job.existing is None:
+                    job.fail("too_large", f"file is {st.st_size} bytes, limit is {max_file_bytes}")
+                return False
+            if budget is not None and st.st_size:
+                if not budget.acquire(st.st_size):
+                    job.skipped = "daemon stopping"
+                    return False
+                job.reserved = st.st_size
+            job.data = f.read()
         return True
     except FileNotFoundError:
         job.skipped = "vanished"
         return False
     except OSError as exc:
         try:
-            st = job.path.stat()
+            st = os.lstat(job.path)
             job.idem_key = f"{job.source}|unreadable:{st.st_size}:{st.st_mtime_ns}"
         except OSError:
             job.skipped = "vanished"
             return False
         if _lookup(job, store) and job.existing is None:
-            job.fail("io_error", f"cannot read file: {exc}")
+            if stat.S_ISLNK(st.st_mode):
+                job.fail("symlink", "a symbolic link: the hot folder only reads regular files")
+            elif not stat.S_ISREG(st.st_mode):
+                job.fail("not_a_file", "not a regular file (FIFO, socket or device)")
+            else:
+                job.fail("io_error", f"cannot read file: {exc}")
         return False
 
 

@@ -188,21 +188,26 @@ class DriftEventRow:
                    event_id=r["event_id"], scores=json.loads(r["scores"]) if r["scores"] else None)
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+def _connect(path: Path, busy_timeout_s: float = 30.0) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA busy_timeout = 30000")
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
     return conn
 
 
 class ResultStore:
     """SQLite results in WAL mode. One writer (the daemon's commit thread); readers get their own
-    connection per thread (WAL readers never block the writer nor each other)."""
+    connection per thread (WAL readers never block the writer nor each other).
 
-    def __init__(self, path: str | os.PathLike):
+    ``busy_timeout_s``: how long a statement waits for a lock another process holds (an exclusive
+    lock, a checkpoint) before it fails; the daemon then retries the commit with backoff.
+    """
+
+    def __init__(self, path: str | os.PathLike, busy_timeout_s: float = 30.0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._write = _connect(self.path)
+        self.busy_timeout_s = busy_timeout_s
+        self._write = _connect(self.path, busy_timeout_s)
         mode = self._write.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise RuntimeError(f"{self.path}: cannot enable WAL mode (got {mode}); is it on a network filesystem?")
@@ -221,7 +226,7 @@ class ResultStore:
     def _reader(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = _connect(self.path)
+            conn = _connect(self.path, self.busy_timeout_s)
             self._local.conn = conn
             with self._readers_lock:
                 self._readers.append(conn)
