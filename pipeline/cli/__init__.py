@@ -10,7 +10,7 @@ import logging
 
 import click
 
-from pipeline.cli import adapt_cmd, drift_cmds, model_cmds, registry_cmds, serve_cmds
+from pipeline.cli import adapt_cmd, drift_cmds, export_cmd, model_cmds, registry_cmds, serve_cmds
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -21,6 +21,6 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-for _module in (model_cmds, serve_cmds, registry_cmds, drift_cmds, adapt_cmd):
+for _module in (model_cmds, export_cmd, serve_cmds, registry_cmds, drift_cmds, adapt_cmd):
     for _cmd in _module.commands:
         main.add_command(_cmd)

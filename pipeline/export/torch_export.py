@@ -1,4 +1,4 @@
-"""From a trained torch model to the served artefact: ONNX + metadata, proven equal on real images.
+"""From a trained torch model to the served fp32 artefact: ONNX + metadata, proven equal on real images.
 
 Every export ends with a parity check that runs the *runtime* path (numpy preprocessing from
 the stored spec + ONNX Runtime) against torch on real validation images. An export that
@@ -11,40 +11,19 @@ import json
 import logging
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from pipeline.data.augment import torch_normalize
-from pipeline.data.decode import ImageDecodeError, decode_file
-from pipeline.metadata import (INPUT_NAME, ONNX_METADATA_KEY, OUTPUT_EMBEDDING, OUTPUT_PROBS, ModelMetadata,
-                               save_metadata, sha256_file)
+from pipeline.export.artefact import DEFAULT_OPSET, PARITY_MAX_ABS, ParityError, ParityReport
+from pipeline.metadata import INPUT_NAME, OUTPUT_EMBEDDING, OUTPUT_PROBS
 from pipeline.preprocess import PreprocessSpec, resize_image
 from pipeline.runtime import OnnxModel, RuntimeOptions
 from pipeline.train import DefectClassifier, ExportModule
 
 log = logging.getLogger(__name__)
-
-DEFAULT_OPSET = 17
-PARITY_MAX_ABS = 1e-4
-
-
-class ParityError(RuntimeError):
-    """The exported model does not reproduce torch's outputs."""
-
-
-@dataclass
-class ParityReport:
-    n_images: int
-    max_abs_prob_diff: float
-    max_abs_embedding_diff: float
-    top1_agreement: float
-    provider: str
-
-    def as_dict(self) -> dict:
-        return self.__dict__.copy()
 
 
 def export_onnx(model: DefectClassifier, spec: PreprocessSpec, path: str | os.PathLike,
@@ -62,41 +41,6 @@ def export_onnx(model: DefectClassifier, spec: PreprocessSpec, path: str | os.Pa
             opset_version=opset, dynamo=False, do_constant_folding=True,
         )
     return path
-
-
-def embed_metadata(path: str | os.PathLike, meta: ModelMetadata) -> None:
-    """Store the metadata JSON inside the ONNX file (``metadata_props``), then the sidecar with the final sha256."""
-    import onnx
-
-    path = Path(path)
-    m = onnx.load(str(path))
-    del m.metadata_props[:]
-    entry = m.metadata_props.add()
-    entry.key, entry.value = ONNX_METADATA_KEY, meta.model_copy(update={"onnx_sha256": None}).to_json()
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save(m, str(tmp))
-    os.replace(tmp, path)
-
-
-def finalize_artefact(path: str | os.PathLike, meta: ModelMetadata) -> ModelMetadata:
-    """Embed metadata, hash the final bytes, write ``model.json``. Returns the metadata as written."""
-    embed_metadata(path, meta)
-    meta = meta.model_copy(update={"onnx_sha256": sha256_file(path)})
-    save_metadata(meta, Path(path).with_suffix(".json"))
-    return meta
-
-
-def load_check_images(paths: list[Path], limit: int = 64) -> list[np.ndarray]:
-    """Decoded real images for parity checks (unreadable ones skipped)."""
-    out = []
-    for p in paths:
-        if len(out) >= limit:
-            break
-        try:
-            out.append(decode_file(p))
-        except (ImageDecodeError, OSError):
-            continue
-    return out
 
 
 @torch.no_grad()
