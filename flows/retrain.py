@@ -39,6 +39,18 @@ def _transient_io_error(task: Any, task_run: Any, state: Any) -> bool:
     return isinstance(exc, OSError) and not isinstance(exc, permanent)
 
 
+def remove_stale_scratch(line_folder: Path) -> list[str]:
+    """Delete ``.run-*`` folders of earlier retrains that were killed (their ``finally`` never ran).
+
+    Only a retrain holding the line lock creates one, and we hold it now, so any that exists is dead.
+    """
+    removed = []
+    for p in sorted(line_folder.glob(".run-*")) if line_folder.is_dir() else []:
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p.name)
+    return removed
+
+
 @task(name="snapshot-data", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient_io_error)
 def snapshot_data(data_dir: str, gate_fraction: float, seed: int, classes: list[str] | None
                   ) -> tuple[ImageFolder, ImageFolder, str]:
@@ -50,10 +62,24 @@ def snapshot_data(data_dir: str, gate_fraction: float, seed: int, classes: list[
 
 @task(name="fine-tune-and-export")
 def train_challenger(data_dir: str, pool: ImageFolder, out_dir: str, good_class: str, shots: int | None,
-                     target_frr: float, train_cfg: dict[str, Any], init_checkpoint: str | None) -> dict:
-    """Fine-tune, choose the threshold, export to ONNX and prove parity (no retries: deterministic)."""
+                     target_frr: float, train_cfg: dict[str, Any], init_checkpoint: str | None,
+                     adapt: dict[str, Any] | None = None, gate_files: list[str] | None = None) -> dict:
+    """Fine-tune, choose the threshold, export to ONNX and prove parity (no retries: deterministic).
+
+    ``adapt`` (with ``init_checkpoint``): the supervised re-adaptation recipe
+    (``pipeline.supervised_adapt``: replay of the champion's data, current-domain drift reference);
+    ``gate_files`` are never trained on and join the pool as current-domain images for the reference.
+    """
     cfg = RunConfig(data_dir=Path(data_dir), out_dir=Path(out_dir), good_class=good_class, shots=shots,
                     target_frr=target_frr, train=TrainConfig(**train_cfg))
+    if adapt is not None and init_checkpoint:
+        from pipeline.supervised_adapt import SupervisedAdaptConfig, adapt_supervised
+
+        gate_paths = [Path(p) for p in gate_files or []]
+        s, info = adapt_supervised(Path(init_checkpoint).parent, pool, cfg, SupervisedAdaptConfig(**adapt),
+                                   exclude=gate_paths, domain_images=[x.path for x in pool.samples] + gate_paths)
+        return {"onnx": str(s.onnx_path), "validation": s.metrics, "timings": s.timings, "parity": s.parity,
+                "adaptation": info}
     s = run_training(cfg, dataset=pool, init_checkpoint=init_checkpoint)
     return {"onnx": str(s.onnx_path), "validation": s.metrics, "timings": s.timings, "parity": s.parity}
 
@@ -94,11 +120,19 @@ def _artifact(line: str, version: str, decision: GateDecision, challenger: dict,
 def retrain(line: str, data_dir: str, registry: str = "models", shots: int | None = None, reason: str = "",
             good_class: str | None = None, gate_fraction: float = 0.3, target_frr: float = 0.02, seed: int = 0,
             warm_start: bool = False, train_config: dict[str, Any] | None = None,
-            gate: dict[str, Any] | None = None, lock_timeout_s: float | None = 3600) -> dict:
-    """Retrain ``line`` on the labelled folder ``data_dir`` and promote the result if the gate allows."""
+            gate: dict[str, Any] | None = None, lock_timeout_s: float | None = 3600,
+            supervised_adapt: dict[str, Any] | None = None) -> dict:
+    """Retrain ``line`` on the labelled folder ``data_dir`` and promote the result if the gate allows.
+
+    ``supervised_adapt`` (with ``warm_start``): re-adapt the champion with the recipe of
+    ``pipeline.supervised_adapt.SupervisedAdaptConfig`` (``{}`` for its defaults: replay the champion's
+    labelled data with the new images); None fine-tunes on ``data_dir`` alone.
+    """
     logger = get_run_logger()
     reg = Registry(Path(registry))
     with line_lock(registry, line, timeout=lock_timeout_s) as lock:
+        if stale := remove_stale_scratch(Path(registry) / line):
+            logger.warning("removed the scratch of killed retrains of %s: %s", line, ", ".join(stale))
         champion = reg.champion(line)
         classes = champion.metadata().classes if champion else None
         pool, gate_set, gate_hash = snapshot_data(data_dir, gate_fraction, seed, classes)
@@ -108,7 +142,9 @@ def retrain(line: str, data_dir: str, registry: str = "models", shots: int | Non
             init = str(champion.path / CHECKPOINT_FILE) if (warm_start and champion and
                                                             (champion.path / CHECKPOINT_FILE).is_file()) else None
             cfg = {"seed": seed, **(train_config or {})}
-            trained = train_challenger(data_dir, pool, str(scratch), good, shots, target_frr, cfg, init)
+            trained = train_challenger(data_dir, pool, str(scratch), good, shots, target_frr, cfg, init,
+                                       adapt=supervised_adapt,
+                                       gate_files=[str(s.path) for s in gate_set.samples])
             challenger_metrics = evaluate_on(trained["onnx"], gate_set, gate_hash)
             (scratch / "gate_metrics.json").write_text(json.dumps(challenger_metrics, indent=2))
             version = register(registry, line, str(scratch), reason or "retrain")
@@ -130,4 +166,4 @@ def retrain(line: str, data_dir: str, registry: str = "models", shots: int | Non
             "champion": None if champion_metrics is None else {
                 k: champion_metrics.get(k) for k in ("balanced_accuracy", "defect_recall_at_frr",
                                                      "false_reject_rate", "n_images")},
-            "timings": trained["timings"]}
+            "timings": trained["timings"], "adaptation": trained.get("adaptation")}

@@ -62,34 +62,71 @@ def _load_images(folder: Path, limit: int, seed: int, spec: PreprocessSpec) -> t
     return images, kept
 
 
-def align_batchnorm(model, source: dict, images_u8, spec, device, iterations: int = 3) -> int:
+def align_batchnorm(model, source: dict, images_u8, spec, device, batch: int = 32) -> int:
     """Re-target every BatchNorm so new-domain inputs are normalised onto the training domain's distribution.
 
     For a layer with frozen statistics (mu0, sigma0), the head was trained on (x_s - mu0) / sigma0 with
     x_s ~ (m_s, s_s) on the training domain. For new-domain inputs x_t ~ (m_t, s_t) choose
     sigma' = sigma0 * s_t / s_s and mu' = m_t - (m_s - mu0) * s_t / s_s, so (x_t - mu') / sigma' has the
-    training domain's normalised distribution. Deeper layers see inputs that depend on earlier
-    ones, so the target statistics are re-measured a few times (a few forward passes; converges fast).
-    Returns the number of layers aligned.
+    training domain's normalised distribution.
+
+    A layer's (m_t, s_t) must be measured with every layer before it already aligned (after the first
+    layers are aligned, deeper inputs look like the training domain again and need little change).
+    Measuring all layers on the unaligned network and re-measuring (the first implementation) corrects
+    each shift once per layer it passes through: it diverged, and even same-domain images turned a
+    magnetic-tile model into a one-class predictor. So one forward pass aligns every layer on the fly
+    with the batch's statistics (the same mapping, batch moments for (m_t, s_t)); the downstream
+    layers thus see aligned inputs, and each layer's dataset-level (m_t, s_t) is accumulated from
+    those and written as its final statistics. Returns the number of layers aligned.
     """
     import torch
+    import torch.nn.functional as F
     from torch import nn
 
-    from pipeline.train import bn_input_stats
+    from pipeline.data.augment import to_float_nchw, torch_normalize
 
     bns = {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and n in source}
-    orig = {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in bns.items()}
-    for _ in range(iterations):
-        target = bn_input_stats(model, images_u8, spec, device)
+    src = {n: tuple(torch.as_tensor(a, dtype=torch.float64) for a in source[n]) for n in bns}
+    sums: dict[str, list] = {n: [0.0, 0.0, 0] for n in bns}
+
+    def hook(mod, args, output, name):  # replaces the layer's output by the batch-aligned one
+        x = args[0]
+        m_s, v_s = src[name]
+        xd = x.double()
+        dims = (0, 2, 3)
+        m_b = xd.mean(dim=dims)
+        v_b = xd.var(dim=dims, unbiased=False)
+        acc = sums[name]
+        acc[0] = acc[0] + xd.sum(dim=dims)
+        acc[1] = acc[1] + (xd * xd).sum(dim=dims)
+        acc[2] += x.shape[0] * x.shape[2] * x.shape[3]
+        ratio = torch.sqrt((v_b + mod.eps) / (v_s + mod.eps))
+        shape = (1, -1, 1, 1)
+        aligned = ((xd - m_b.view(shape)) / ratio.view(shape) + m_s.view(shape)).to(x.dtype)
+        return F.batch_norm(aligned, mod.running_mean, mod.running_var, mod.weight, mod.bias, False, 0.0, mod.eps)
+
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n)) for n, m in bns.items()]
+    try:
+        model.eval()
         with torch.no_grad():
-            for n, m in bns.items():
-                mu0, var0 = orig[n]
-                m_s, v_s = (torch.as_tensor(a, dtype=torch.float64) for a in source[n])
-                m_t, v_t = (torch.as_tensor(a, dtype=torch.float64) for a in target[n])
-                ratio = torch.sqrt((v_t + m.eps) / (v_s + m.eps))
-                m.running_mean.copy_((m_t - (m_s - mu0.double()) * ratio).to(m.running_mean.dtype))
-                m.running_var.copy_(((var0.double() + m.eps) * ratio * ratio - m.eps).clamp(min=1e-8)
-                                    .to(m.running_var.dtype))
+            for i in range(0, len(images_u8), batch):
+                x = torch_normalize(to_float_nchw(images_u8[i:i + batch]), spec).to(device)
+                model.features(x.contiguous(memory_format=torch.channels_last))
+    finally:
+        for h in hooks:
+            h.remove()
+    with torch.no_grad():
+        for n, m in bns.items():
+            s1, s2, count = sums[n]
+            if not count:
+                continue
+            m_t = s1 / count
+            v_t = (s2 / count - m_t * m_t).clamp(min=0)
+            m_s, v_s = src[n]
+            mu0, var0 = m.running_mean.double(), m.running_var.double()
+            ratio = torch.sqrt((v_t + m.eps) / (v_s + m.eps))
+            m.running_mean.copy_((m_t - (m_s - mu0) * ratio).to(m.running_mean.dtype))
+            m.running_var.copy_(((var0 + m.eps) * ratio * ratio - m.eps).clamp(min=1e-8).to(m.running_var.dtype))
     return len(bns)
 
 

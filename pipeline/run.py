@@ -74,8 +74,11 @@ def fit_threshold(val_good_scores: np.ndarray, target_frr: float) -> float:
 def export_and_check(result: TrainResult, out_dir: Path, threshold: float, target_frr: float, metrics: dict,
                      manifest_hash: str, check_paths: list[Path]) -> tuple[Path, ModelMetadata, dict]:
     """ONNX + metadata, then the runtime-vs-torch parity check on real images; a failing export is removed."""
-    from pipeline.export import finalize_artefact, export_onnx, load_check_images, parity_check
+    from pipeline.export import finalize_artefact, export_onnx, load_check_images, parity_check, remove_artefact
+    from pipeline.metadata import precision_path
 
+    for stale in ("int8", "fp16"):  # made from the model being replaced: never serve them beside the new one
+        remove_artefact(precision_path(out_dir / "model.onnx", stale))
     onnx_path = export_onnx(result.model, result.spec, out_dir / "model.onnx")
     meta = ModelMetadata(
         classes=result.classes, good_class=result.good_class, preprocess=result.spec,
@@ -135,7 +138,8 @@ def run_training(cfg: RunConfig, progress: Progress | None = None, dataset: Imag
     if good not in ds.classes:
         raise ValueError(f"--good-class {good!r} is not a class folder of {cfg.data_dir} ({ds.classes})")
     train_set, val_set, remainder = split_dataset(ds, cfg)
-    manifest = {"data_dir": str(cfg.data_dir), "train": train_set.manifest(), "val": val_set.manifest()}
+    manifest = {"data_dir": os.path.abspath(cfg.data_dir),  # absolute: replay and INT8 calibration read it
+                "train": train_set.manifest(), "val": val_set.manifest()}
     manifest_hash = manifest_sha256(manifest["train"] + manifest["val"])
     write_json_atomic(out / "manifest.json", json.dumps(manifest, indent=1))
 
@@ -152,7 +156,15 @@ def run_training(cfg: RunConfig, progress: Progress | None = None, dataset: Imag
     check_paths = [s.path for s in val_set.samples] + [s.path for s in train_set.samples]
     onnx_path, meta, parity = export_and_check(result, out, threshold, cfg.target_frr, metrics, manifest_hash,
                                                check_paths)
-    fit_drift_reference(result, out)
+    drift_error = None
+    try:
+        fit_drift_reference(result, out)
+    except ValueError as exc:  # e.g. 5 shots x 6 classes: too few images to calibrate the detectors
+        from pipeline.export import finalize_artefact
+
+        drift_error = str(exc)
+        log.warning("no drift reference for this model (%s); it will be served without drift monitoring", exc)
+        meta = finalize_artefact(onnx_path, meta.model_copy(update={"drift_reference": None, "onnx_sha256": None}))
     export_s = time.perf_counter() - t0
 
     timings = {**{k: round(v, 2) for k, v in result.timings.items()}, "export_parity_drift_s": round(export_s, 2),
@@ -162,7 +174,7 @@ def run_training(cfg: RunConfig, progress: Progress | None = None, dataset: Imag
         counts["held_out"] = remainder.counts()
     full = {"validation": metrics, "parity": parity, "timings": timings, "counts": counts,
             "history": result.history, "best_epoch": result.best_epoch, "skipped": result.skipped,
-            "backbone": result.config.backbone, "device": result.device}
+            "backbone": result.config.backbone, "device": result.device, "drift_reference_error": drift_error}
     write_json_atomic(out / "metrics.json", json.dumps(full, indent=2))
 
     pngs = [evaluate.plot_confusion_matrix(metrics, out / "confusion_matrix.png"),

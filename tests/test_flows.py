@@ -210,6 +210,35 @@ def test_regression_is_registered_but_not_promoted(lineage: Lineage, data_root: 
     assert info.champion is False and info.note == "regression"
 
 
+def test_labelled_readapt_replays_the_champions_data_and_refits_drift_on_the_new_domain(
+        lineage: Lineage, data_root: Path, tmp_path: Path) -> None:
+    """readapt with labels: warm start + the champion's own labelled files (never a gate-set file), and the
+    new version's drift reference is fitted on the new-domain images (it serves them from now on)."""
+    from flows.adapt import readapt
+    from pipeline.drift import load_reference
+
+    reg = _copy_registry(lineage.registry, tmp_path / "models")
+    champion = Registry(reg).champion(LINE)
+    old = json.loads((champion.path / "manifest.json").read_text())
+    new_dir = tmp_path / "new_lamp"
+    generate_dataset(new_dir, n=16, size=64, good_multiplier=2, seed=5, exposure=1.6, classes=("good", "spot"))
+    out = readapt(LINE, registry=str(reg), data_dir=str(new_dir), train_config=TRAINED, reason="new lamp")
+    assert out["mode"] == "supervised" and out["version"] == "v0003"
+    info = out["adaptation"]
+    assert info["replay"]["replayed"] == len(old["train"]) + len(old["val"]) > 0
+    assert info["replay"]["missing"] == info["replay"]["changed"] == 0
+    assert info["drift_reference"] == "current domain (48 images)"
+    v3 = Registry(reg).show(LINE, "v0003").path
+    manifest = json.loads((v3 / "manifest.json").read_text())
+    used = {r["path"] for r in manifest["train"] + manifest["val"]}
+    replayed = {str(Path(old["data_dir"]) / r["path"]) for r in old["train"] + old["val"]}
+    assert replayed <= used  # absolute paths: the next adaptation can replay them again
+    trained_new = {p for p in used if not Path(p).is_absolute()}
+    assert 0 < len(trained_new) < 48  # the gate set (30 % of the new images) was held out
+    ref = load_reference(v3 / "drift_reference.npz")
+    assert ref.n_fit + ref.n_pool == 48
+
+
 # --------------------------------------------------------------------------- failure safety and the line lock
 
 
