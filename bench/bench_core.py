@@ -36,6 +36,24 @@ def latency_ms(fn, x, repeats: int = 30, warmup: int = 5) -> float:
     return statistics.median(times)
 
 
+def dump_scores(path: Path, model, details, summary, cfg) -> None:
+    """Held-out, validation and training probabilities (+ labels, paths) and the run's history, for offline
+    threshold studies."""
+    from pipeline.data.folders import scan_image_folder
+    from pipeline.evaluate import evaluate_model
+    from pipeline.run import split_dataset
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"probs": details.probs, "y": details.y_true, "paths": np.array([str(p) for p in details.paths])}
+    train_set, val_set, _ = split_dataset(scan_image_folder(cfg.data_dir), cfg)
+    for part, ds in (("train", train_set), ("val", val_set)):
+        _, d = evaluate_model(model, ds)
+        arrays.update({f"{part}_probs": d.probs, f"{part}_y": d.y_true})
+    run_metrics = json.loads((summary.out_dir / "metrics.json").read_text())
+    np.savez(path, **arrays, classes=np.array(details.classes), good_class=details.good_class,
+             threshold=summary.metadata.threshold, history=json.dumps(run_metrics["history"]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/datasets/magnetic-tile/images")
@@ -43,6 +61,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     ap.add_argument("--config", type=json.loads, default={}, help="TrainConfig overrides as JSON")
+    ap.add_argument("--dump", type=Path, default=None,
+                    help="also save held-out and validation scores per seed (scores_seed<N>.npz) in this folder")
+    ap.add_argument("--val-fraction", type=float, default=0.25,
+                    help="share of the labelled shots held back for validation and the threshold")
+    ap.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency measurement")
     args = ap.parse_args()
 
     import torch
@@ -57,20 +80,23 @@ def main() -> None:
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = RunConfig(data_dir=args.data, out_dir=Path(tmp) / "run", shots=args.shots, good_class="free",
+                            val_fraction=args.val_fraction,
                             train=TrainConfig(seed=seed, **args.config))
             t = time.perf_counter()
             s = run_training(cfg)
             wall = time.perf_counter() - t
             _, held_out = sample_shots(scan_image_folder(args.data), args.shots, seed)
             model = OnnxModel(s.onnx_path)
-            m, _ = evaluate_model(model, held_out)
+            m, details = evaluate_model(model, held_out)
+            if args.dump:
+                dump_scores(args.dump / f"scores_seed{seed}.npz", model, details, s, cfg)
             rows.append({"seed": seed, "balanced_accuracy": m["balanced_accuracy"],
                          "defect_recall_at_frr": m["defect_recall_at_frr"], "false_reject_rate": m["false_reject_rate"],
                          "oracle_recall_at_2pct": m.get("defect_recall_at_target_frr_oracle"),
                          "auroc": m.get("auroc"), "n_images": m["n_images"], "train_wall_s": wall,
                          "timings": s.timings, "per_class": {k: v["recall"] for k, v in m["per_class"].items()}})
             print(json.dumps(rows[-1]), flush=True)
-            if lat is None:
+            if lat is None and not args.no_latency:
                 from pipeline.backbones import build_backbone
                 from pipeline.train import DefectClassifier, load_checkpoint
 

@@ -35,6 +35,16 @@ class PreprocessSpec(BaseModel):
     # at least the model input size: a 5 MP line-camera frame then decodes ~10x faster. It changes the
     # pixels the resize sees, so it is part of the spec (same on both sides); False for older models.
     jpeg_scaled_decode: bool = False
+    # Per-image exposure normalisation of the resized uint8 image (before letterbox padding and the fixed
+    # mean/std): lighting changes between sessions of one line are large, and with a few shots per class a
+    # model otherwise learns brightness instead of defects. "gain": scale so the image's mean grey is
+    # ``exposure_mean`` (an exposure change is a gain); "standardize": also set its standard deviation to
+    # ``exposure_std``; "clahe": contrast-limited adaptive histogram equalisation of the luma
+    # (``clahe_clip``, 8x8 tiles). "none" (the default) leaves older models unchanged.
+    exposure: Literal["none", "gain", "standardize", "clahe"] = "none"
+    exposure_mean: float = Field(127.0, gt=0, lt=255)
+    exposure_std: float = Field(48.0, gt=0, le=128)
+    clahe_clip: float = Field(2.0, gt=0, le=40)
 
     @field_validator("mean")
     @classmethod
@@ -71,19 +81,54 @@ def decode_scale(width: int, height: int, spec: PreprocessSpec) -> int:
     return 1
 
 
+_MAX_EXPOSURE_GAIN = 8.0  # a near-black or flat image is not stretched into amplified noise
+
+
+def _capped(gain: float) -> float:
+    return min(max(gain, 1 / _MAX_EXPOSURE_GAIN), _MAX_EXPOSURE_GAIN)
+
+
+def normalize_exposure(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """The spec's per-image exposure normalisation of an HxWx3 uint8 image (uint8 out; identity for "none").
+
+    One numpy/OpenCV implementation that training (on the cached resized images) and serving share.
+    """
+    if spec.exposure == "none":
+        return image
+    if spec.exposure == "clahe":
+        ycrcb = cv2.cvtColor(image, cv2.COLOR_RGB2YCrCb)
+        clahe = cv2.createCLAHE(clipLimit=spec.clahe_clip, tileGridSize=(8, 8))
+        ycrcb[..., 0] = clahe.apply(np.ascontiguousarray(ycrcb[..., 0]))
+        return cv2.cvtColor(ycrcb, cv2.COLOR_YCrCb2RGB)
+    x = image.astype(np.float32)
+    mean = float(x.mean())
+    # mean -> exposure_mean as a (capped) gain, so black stays black; standardize also scales the
+    # deviations from the mean (capped likewise) to exposure_std
+    level = _capped(spec.exposure_mean / mean if mean > 0 else 1.0) * mean
+    if spec.exposure == "standardize":
+        std = float(x.std())
+        gain = _capped(spec.exposure_std / std if std > 0 else 1.0)
+    else:
+        gain = level / mean if mean > 0 else 1.0
+    offset = level - gain * mean
+    return np.clip(np.rint(x * np.float32(gain) + np.float32(offset)), 0, 255).astype(np.uint8)
+
+
 def resize_image(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """Resize an HxWx3 uint8 RGB image to the spec's size (stretch or letterbox)."""
+    """Resize an HxWx3 uint8 RGB image to the spec's size (stretch or letterbox), exposure-normalised
+    if the spec asks for it (on the image content, before any letterbox padding)."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
         raise ValueError(f"expected HxWx3 uint8 RGB, got shape {image.shape} dtype {image.dtype}")
     h, w = image.shape[:2]
     interp = _INTERP[spec.interpolation]
     if spec.resize == "stretch":
-        if (h, w) == (spec.height, spec.width):
-            return image
-        return cv2.resize(image, (spec.width, spec.height), interpolation=interp)
+        if (h, w) != (spec.height, spec.width):
+            image = cv2.resize(image, (spec.width, spec.height), interpolation=interp)
+        return normalize_exposure(image, spec)
     scale = min(spec.height / h, spec.width / w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     resized = cv2.resize(image, (nw, nh), interpolation=interp) if (nh, nw) != (h, w) else image
+    resized = normalize_exposure(resized, spec)
     out = np.full((spec.height, spec.width, 3), spec.pad_value, dtype=np.uint8)
     top, left = (spec.height - nh) // 2, (spec.width - nw) // 2
     out[top:top + nh, left:left + nw] = resized

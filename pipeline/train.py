@@ -42,6 +42,8 @@ class TrainConfig(BaseModel):
     weights: str | None = None
     img_size: int | None = Field(None, ge=32, le=1024)  # None: the backbone's native size
     resize: str = Field("stretch", pattern="^(stretch|letterbox)$")
+    # per-image exposure normalisation, stored in the model's PreprocessSpec (see pipeline.preprocess)
+    exposure: str = Field("none", pattern="^(none|gain|standardize|clahe)$")
     seed: int = 0
     # stage 1: linear head on cached features
     feature_views: int = Field(4, ge=1, le=32)
@@ -70,7 +72,8 @@ class TrainConfig(BaseModel):
     device: str = Field("auto", pattern="^(auto|cpu|cuda)$")
 
     def preprocess_spec(self) -> PreprocessSpec:
-        return default_preprocess(self.backbone, self.img_size, self.resize)
+        spec = default_preprocess(self.backbone, self.img_size, self.resize)
+        return spec if self.exposure == "none" else spec.model_copy(update={"exposure": self.exposure})
 
 
 class DefectClassifier(nn.Module):
@@ -350,19 +353,17 @@ def train(train_set: ImageFolder, val_set: ImageFolder, good_class: str, cfg: Tr
         adapt_batchnorm(model, x_train, spec, device, cfg.bn_adapt_views, cfg.augment, gen)
         timings["bn_adapt_s"] = time.perf_counter() - t0
 
-    # Stage 1: head on cached features of a few augmented views.
+    # Stage 1: head on cached features of a few augmented views (a warm start keeps its trained head).
     t0 = time.perf_counter()
-    views_f, views_y = [], []
-    for v in range(cfg.feature_views):
-        f, _ = embed(model, x_train, spec, device, aug=None if v == 0 else cfg.augment, gen=gen)
-        views_f.append(torch.from_numpy(f))
-        views_y.append(y_train)
-        if progress:
-            progress("features", v + 1, cfg.feature_views)
-    feats = torch.cat(views_f).to(device)
-    labels = torch.cat(views_y).to(device)
     if init_state is None:
-        _train_head(model, feats, labels, cfg, n_classes)
+        views_f, views_y = [], []
+        for v in range(cfg.feature_views):
+            f, _ = embed(model, x_train, spec, device, aug=None if v == 0 else cfg.augment, gen=gen)
+            views_f.append(torch.from_numpy(f))
+            views_y.append(y_train)
+            if progress:
+                progress("features", v + 1, cfg.feature_views)
+        _train_head(model, torch.cat(views_f).to(device), torch.cat(views_y).to(device), cfg, n_classes)
     timings["stage1_head_s"] = time.perf_counter() - t0
 
     history: list[dict] = []

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from pipeline.data.augment import AugmentConfig, augment, load_images, to_float_nchw, torch_normalize
 from pipeline.data.decode import decode_file
 from pipeline.data.folders import scan_image_folder
-from pipeline.preprocess import PreprocessSpec, normalize, preprocess, resize_image
+from pipeline.preprocess import PreprocessSpec, normalize, normalize_exposure, preprocess, resize_image
 
 SPECS = [
     PreprocessSpec(height=32, width=32),  # EfficientNet-Lite default (x - 127) / 128
@@ -23,6 +23,10 @@ SPECS = [
                    mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0)),
     PreprocessSpec(height=20, width=30, resize="letterbox", interpolation="cubic", mean=(10.5, 200.0, 0.25),
                    std=(0.7, 3.0, 1000.0)),
+    # per-image exposure normalisation: numpy/OpenCV on uint8, so both paths must still agree bit for bit
+    PreprocessSpec(height=32, width=32, exposure="gain"),
+    PreprocessSpec(height=24, width=40, resize="letterbox", pad_value=10, exposure="standardize"),
+    PreprocessSpec(height=33, width=31, exposure="clahe"),
 ]
 
 
@@ -159,6 +163,81 @@ def test_spec_validation():
     assert PreprocessSpec.model_validate_json(spec.model_dump_json()) == spec
     with pytest.raises(ValidationError):
         spec.height = 10  # frozen: a model's spec cannot drift in memory
+
+
+# -- exposure normalisation -----------------------------------------------------------------------------
+
+
+def tile(seed: int, h: int = 48, w: int = 64, level: float = 100.0) -> np.ndarray:
+    """A grey textured image (all channels equal, like the line images) around ``level``."""
+    rng = np.random.default_rng(seed)
+    g = np.clip(level + rng.normal(0, 12, (h, w)), 0, 255)
+    g[h // 3:h // 3 + 4, 5:w - 5] *= 0.5  # a dark scratch
+    return np.repeat(g.astype(np.uint8)[..., None], 3, axis=2)
+
+
+def test_exposure_none_is_the_identity_and_the_default():
+    im = tile(0)
+    assert PreprocessSpec().exposure == "none"
+    assert normalize_exposure(im, PreprocessSpec()) is im
+    spec = PreprocessSpec(height=48, width=64)
+    np.testing.assert_array_equal(resize_image(im, spec), im)
+
+
+def test_exposure_gain_undoes_a_global_exposure_change():
+    spec = PreprocessSpec(height=48, width=64, exposure="gain", exposure_mean=120)
+    bright = tile(1, level=160)
+    dark = (bright.astype(np.float32) * 0.5).round().astype(np.uint8)  # same scene, half the exposure
+    a, b = resize_image(bright, spec), resize_image(dark, spec)
+    assert a.dtype == np.uint8 and abs(a.mean() - 120) < 1 and abs(b.mean() - 120) < 1
+    assert np.abs(a.astype(int) - b.astype(int)).mean() < 1.5  # rounding of the darker image only
+    assert (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all()  # grey stays grey
+    # contrast is scaled with the gain, not stretched: the scratch keeps its relative depth
+    assert a[16:20, 5:-5].mean() / a.mean() == pytest.approx(bright[16:20, 5:-5].mean() / bright.mean(), rel=0.03)
+
+
+def test_exposure_standardize_sets_mean_and_std():
+    spec = PreprocessSpec(height=48, width=64, exposure="standardize", exposure_mean=110, exposure_std=30)
+    for level in (60, 150):
+        out = resize_image(tile(2, level=level), spec).astype(np.float64)
+        assert abs(out.mean() - 110) < 1 and abs(out.std() - 30) < 1
+
+
+@pytest.mark.parametrize("mode", ["gain", "standardize", "clahe"])
+def test_exposure_is_bounded_on_flat_and_black_images(mode: str):
+    spec = PreprocessSpec(height=16, width=16, exposure=mode)
+    for level in (0, 3):
+        flat = np.full((16, 16, 3), level, np.uint8)
+        out = resize_image(flat, spec)
+        assert out.dtype == np.uint8 and len(np.unique(out)) == 1  # no division by zero, no invented texture
+        if mode != "clahe":  # (histogram equalisation maps any flat image to one mid level by design)
+            assert out.max() <= level * 8  # capped gain: black stays black, near-black is not made mid-grey
+
+
+def test_exposure_clahe_equalises_dark_and_bright_versions():
+    spec = PreprocessSpec(height=48, width=64, exposure="clahe", clahe_clip=2.0)
+    dark, bright = tile(3, level=60), tile(3, level=170)
+    a, b = resize_image(dark, spec), resize_image(bright, spec)
+    assert (a[..., 0] == a[..., 2]).all()  # grey in, grey out
+    assert abs(a.mean() - b.mean()) < 0.5 * abs(dark.mean() - bright.mean())
+    assert a.std() > dark.std()  # local contrast raised
+
+
+def test_exposure_letterbox_pads_after_normalising():
+    spec = PreprocessSpec(height=48, width=48, resize="letterbox", pad_value=0, exposure="gain", exposure_mean=127)
+    out = resize_image(tile(4, h=24, w=48, level=50), spec)
+    assert (out[:12] == 0).all() and (out[36:] == 0).all()  # padding untouched
+    assert abs(out[12:36].mean() - 127) < 1  # statistics from the content, not the padding
+
+
+def test_exposure_spec_validation_and_round_trip():
+    for bad in ({"exposure": "hist"}, {"exposure_mean": 0}, {"exposure_std": 0}, {"clahe_clip": 0}):
+        with pytest.raises(ValidationError):
+            PreprocessSpec(**bad)
+    spec = PreprocessSpec(exposure="standardize", exposure_mean=100, exposure_std=40)
+    assert PreprocessSpec.model_validate_json(spec.model_dump_json()) == spec
+    old = PreprocessSpec.model_validate({"height": 224, "width": 224})  # metadata written before the field
+    assert old.exposure == "none"
 
 
 # -- augmentation ----------------------------------------------------------------------------------------

@@ -92,6 +92,52 @@ def test_parity_check_catches_a_model_that_differs(trained):
         parity_check(clf, run / "model.onnx", [])
 
 
+def test_export_int8_and_fp16_of_a_trained_lite0_run(trained, tmp_path):
+    """The real backbone quantises (SAME-padded depthwise convs, the ReLU6 clips) and the INT8 file serves.
+
+    The 1-epoch model's probabilities are near-uniform, so top-1 flips are expected: the limit is lifted
+    here; the 1-point gate itself is tested in test_precision.py and on magnetic-tile (slow)."""
+    import shutil
+
+    import onnx
+
+    run, test, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    res = CliRunner().invoke(main, ["export", str(copy), "--int8", "--fp16", "--max-drop", "100", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])
+    assert set(out["published"]) == {"int8", "fp16"}
+    int8 = copy / "model.int8.onnx"
+    assert out["published"]["int8"]["sha256"] == sha256_file(int8)
+    ops = [n.op_type for n in onnx.load(str(int8)).graph.node]
+    assert ops.count("Conv") >= 40 and ops.count("DequantizeLinear") > ops.count("Conv")
+    meta = load_metadata(int8)
+    parity = meta.extra["parity"]
+    assert parity["n_images"] > 0 and 0 <= parity["top1_agreement"] <= 1
+    # drift monitoring of the INT8 model uses a reference fitted on its own embeddings
+    assert meta.drift_reference == "model.int8.drift.npz" and (copy / meta.drift_reference).is_file()
+    res = CliRunner().invoke(main, ["drift", "check", str(int8), str(test), "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["reference"].endswith("model.int8.drift.npz"), res.output
+    res = CliRunner().invoke(main, ["evaluate", str(int8), str(test), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output.strip().splitlines()[-1])["n_images"] == 3 * 4 + 6
+
+
+def test_few_shots_train_a_model_without_drift_reference(trained, tmp_path):
+    """2 shots x 5 classes are too few to calibrate drift detectors: the model is still trained, exported
+    and usable, its metadata names no drift reference and metrics.json says why."""
+    run, _, data = trained
+    res = CliRunner().invoke(main, ["train", str(data), "--out", str(tmp_path / "r"), "--shots", "2",
+                                    "--config", str(run.parent / "fast.yaml")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    meta = load_metadata(tmp_path / "r" / "model.onnx")
+    assert meta.drift_reference is None and meta.onnx_sha256 == sha256_file(tmp_path / "r" / "model.onnx")
+    assert read_embedded_metadata(tmp_path / "r" / "model.onnx")["drift_reference"] is None
+    assert not (tmp_path / "r" / "drift_reference.npz").exists()
+    assert "at least" in json.loads((tmp_path / "r" / "metrics.json").read_text())["drift_reference_error"]
+
+
 def test_train_refuses_unknown_good_class(trained, tmp_path):
     _, _, data = trained
     res = CliRunner().invoke(main, ["train", str(data), "--out", str(tmp_path / "r"), "--good-class", "nope"])
