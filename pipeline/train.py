@@ -63,6 +63,9 @@ class TrainConfig(BaseModel):
     # "last" reached 0.782); "best": the epoch with the best validation balanced accuracy.
     keep: str = Field("last", pattern="^(best|last)$")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
+    # How often the good class is drawn in stage-2 batches (and its stage-1 loss weight) relative to each
+    # defect class: good parts vary most and make most of the line, 1.0 draws every class equally often.
+    good_weight: float = Field(1.0, gt=0, le=20)
     dropout: float = Field(0.2, ge=0, lt=1)
     # Re-estimate BatchNorm statistics on the (augmented) training images before stage 1 (AdaBN):
     # line images are far from ImageNet, so its statistics misplace every feature.
@@ -263,11 +266,15 @@ def _class_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
 
 
 def _train_head(model: DefectClassifier, feats: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
-                n_classes: int) -> None:
-    """Stage 1: full-batch AdamW on cached features with class-balanced cross-entropy."""
+                n_classes: int, class_share: torch.Tensor | None = None) -> None:
+    """Stage 1: full-batch AdamW on cached features with class-balanced cross-entropy
+    (times ``class_share`` per class, if given)."""
     head = model.head
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.head_lr, weight_decay=cfg.weight_decay)
-    w = _class_weights(labels, n_classes).to(feats.device)
+    w = _class_weights(labels, n_classes)
+    if class_share is not None:
+        w = w * class_share / class_share.mean()
+    w = w.to(feats.device)
     for _ in range(cfg.head_steps):
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(head(F.dropout(feats, cfg.dropout)), labels, weight=w,
@@ -301,13 +308,18 @@ def _trainable_params(model: DefectClassifier, cfg: TrainConfig) -> list[dict]:
 
 
 def _balanced_batches(labels: torch.Tensor, n_classes: int, batch: int, steps: int,
-                      gen: torch.Generator) -> list[torch.Tensor]:
-    """Each batch draws classes uniformly, then an image of that class: rare defects seen as often as good parts."""
+                      gen: torch.Generator, class_share: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Each batch draws classes uniformly (or in proportion to ``class_share``), then an image of that class:
+    rare defects seen as often as good parts."""
     by_class = [torch.nonzero(labels == c).flatten() for c in range(n_classes)]
     present = [c for c in range(n_classes) if len(by_class[c])]
     out = []
     for _ in range(steps):
-        cls = torch.tensor(present)[torch.randint(len(present), (batch,), generator=gen)]
+        if class_share is None:
+            pick = torch.randint(len(present), (batch,), generator=gen)
+        else:
+            pick = torch.multinomial(class_share[present].double(), batch, replacement=True, generator=gen)
+        cls = torch.tensor(present)[pick]
         idx = [by_class[c][torch.randint(len(by_class[c]), (1,), generator=gen)].item() for c in cls.tolist()]
         out.append(torch.tensor(idx))
     return out
@@ -330,6 +342,10 @@ def train(train_set: ImageFolder, val_set: ImageFolder, good_class: str, cfg: Tr
     if good_class not in classes:
         raise ValueError(f"good class {good_class!r} is not among the class folders {classes}")
     timings: dict[str, float] = {}
+    class_share = None
+    if cfg.good_weight != 1.0:
+        class_share = torch.ones(n_classes)
+        class_share[classes.index(good_class)] = cfg.good_weight
 
     t0 = time.perf_counter()
     cb = (lambda d, n: progress("decode", d, n)) if progress else None
@@ -363,7 +379,8 @@ def train(train_set: ImageFolder, val_set: ImageFolder, good_class: str, cfg: Tr
             views_y.append(y_train)
             if progress:
                 progress("features", v + 1, cfg.feature_views)
-        _train_head(model, torch.cat(views_f).to(device), torch.cat(views_y).to(device), cfg, n_classes)
+        _train_head(model, torch.cat(views_f).to(device), torch.cat(views_y).to(device), cfg, n_classes,
+                    class_share)
     timings["stage1_head_s"] = time.perf_counter() - t0
 
     history: list[dict] = []
@@ -392,7 +409,7 @@ def train(train_set: ImageFolder, val_set: ImageFolder, good_class: str, cfg: Tr
             model.eval()  # BatchNorm keeps ImageNet statistics
             model.dropout.train()
             losses = []
-            for idx in _balanced_batches(y_train, n_classes, cfg.batch_size, steps, gen):
+            for idx in _balanced_batches(y_train, n_classes, cfg.batch_size, steps, gen, class_share):
                 x = augment(to_float_nchw(x_train[idx]), cfg.augment, gen)
                 x = torch_normalize(x, spec).to(device).contiguous(memory_format=torch.channels_last)
                 loss = F.cross_entropy(model(x), y_train[idx].to(device), label_smoothing=cfg.label_smoothing)

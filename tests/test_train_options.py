@@ -1,0 +1,50 @@
+"""Opt-in recipe options of TrainConfig: class shares in the balanced batches, exposure in the spec."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from pipeline.train import TrainConfig, _balanced_batches
+
+
+def labels() -> torch.Tensor:
+    # class 0: 2 images, class 1: 10, class 2: 3 (the good class here is 1)
+    return torch.tensor([0, 0] + [1] * 10 + [2] * 3)
+
+
+def class_counts(batches: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    return torch.bincount(y[torch.cat(batches)], minlength=3).float()
+
+
+def test_balanced_batches_draw_every_class_equally_by_default():
+    y = labels()
+    batches = _balanced_batches(y, 3, batch=30, steps=200, gen=torch.Generator().manual_seed(0))
+    assert all(b.shape == (30,) for b in batches)
+    share = class_counts(batches, y) / (30 * 200)
+    assert torch.allclose(share, torch.full((3,), 1 / 3), atol=0.02)  # not 2:10:3 as in the data
+
+
+def test_balanced_batches_follow_class_share():
+    y = labels()
+    share = torch.tensor([1.0, 4.0, 1.0])
+    batches = _balanced_batches(y, 3, batch=30, steps=200, gen=torch.Generator().manual_seed(0), class_share=share)
+    got = class_counts(batches, y) / (30 * 200)
+    assert torch.allclose(got, share / share.sum(), atol=0.02)
+    # deterministic for a seed, and a missing class is never drawn
+    again = _balanced_batches(y, 3, batch=30, steps=200, gen=torch.Generator().manual_seed(0), class_share=share)
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))
+    y_missing = torch.tensor([1] * 5 + [2] * 5)
+    drawn = torch.cat(_balanced_batches(y_missing, 3, 16, 20, torch.Generator().manual_seed(1), share))
+    assert set(y_missing[drawn].tolist()) == {1, 2}
+
+
+def test_good_weight_and_exposure_options():
+    assert TrainConfig().good_weight == 1.0 and TrainConfig().exposure == "none"
+    assert TrainConfig().preprocess_spec().exposure == "none"  # default models unchanged
+    spec = TrainConfig(exposure="standardize", img_size=96).preprocess_spec()
+    assert spec.exposure == "standardize" and spec.height == 96
+    for bad in ({"good_weight": 0}, {"exposure": "hist"}):
+        with pytest.raises(ValidationError):
+            TrainConfig(**bad)
