@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.mdsection import machine_line, update_section  # noqa: E402
+from bench.bench_daemon import wait_health  # noqa: E402
 
 RSS_GROWTH_LIMIT = 0.10
 
@@ -178,17 +179,10 @@ def run_soak(cfg: SoakConfig) -> SoakReport:
     http_ms: list[float] = []
     errors: list[str] = []
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("daemon did not come up") from None
-                time.sleep(0.1)
+        try:
+            wait_health(port, proc, timeout=120)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}: {log_path.read_text()[-2000:]}") from None
 
         def feeder() -> None:  # keeps `backlog` files waiting in the inbox, as a line writer renaming files in
             while not stop.is_set():
