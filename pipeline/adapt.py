@@ -83,7 +83,7 @@ def align_batchnorm(model, source: dict, images_u8, spec, device, batch: int = 3
     import torch.nn.functional as F
     from torch import nn
 
-    from pipeline.data.augment import to_float_nchw, torch_normalize
+    from pipeline.train import forward_features
 
     bns = {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and n in source}
     src = {n: tuple(torch.as_tensor(a, dtype=torch.float64) for a in source[n]) for n in bns}
@@ -107,11 +107,7 @@ def align_batchnorm(model, source: dict, images_u8, spec, device, batch: int = 3
 
     hooks = [m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n)) for n, m in bns.items()]
     try:
-        model.eval()
-        with torch.no_grad():
-            for i in range(0, len(images_u8), batch):
-                x = torch_normalize(to_float_nchw(images_u8[i:i + batch]), spec).to(device)
-                model.features(x.contiguous(memory_format=torch.channels_last))
+        forward_features(model, images_u8, spec, device, batch)
     finally:
         for h in hooks:
             h.remove()

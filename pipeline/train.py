@@ -136,6 +136,16 @@ BN_SOURCE_PREFIX = "bn_source."
 
 
 @torch.no_grad()
+def forward_features(model: nn.Module, images_u8: torch.Tensor, spec: PreprocessSpec, device: torch.device,
+                     batch: int = 32) -> None:
+    """Run the backbone (eval mode) over uint8 NHWC images in batches, for hooks that collect statistics."""
+    model.eval()
+    for i in range(0, len(images_u8), batch):
+        x = torch_normalize(to_float_nchw(images_u8[i:i + batch]), spec).to(device)
+        model.features(x.contiguous(memory_format=torch.channels_last))
+
+
+@torch.no_grad()
 def bn_input_stats(model: nn.Module, images_u8: torch.Tensor, spec: PreprocessSpec, device: torch.device,
                    batch: int = 32) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-channel mean and variance of every BatchNorm layer's *input* over these images (eval mode)."""
@@ -151,10 +161,7 @@ def bn_input_stats(model: nn.Module, images_u8: torch.Tensor, spec: PreprocessSp
                 acc[2] += x.shape[0] * x.shape[2] * x.shape[3]
             hooks.append(m.register_forward_pre_hook(hook))
     try:
-        model.eval()
-        for i in range(0, len(images_u8), batch):
-            x = torch_normalize(to_float_nchw(images_u8[i:i + batch]), spec).to(device)
-            model.features(x.contiguous(memory_format=torch.channels_last))
+        forward_features(model, images_u8, spec, device, batch)
     finally:
         for h in hooks:
             h.remove()
