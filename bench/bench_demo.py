@@ -10,6 +10,7 @@ alarm -> new-model-serving wall times (target: 10 minutes on 2 CPU cores), and a
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -30,13 +31,15 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(workdir=args.workdir, seed=args.seed)
+    load_before = os.getloadavg()[0]
     s = run_demo(cfg, say=lambda msg: print(f"[demo] {msg}", flush=True))
+    load = f"load average (1 min) {load_before:.1f} before, {os.getloadavg()[0]:.1f} after the run"
     cmd = "python bench/bench_demo.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     t = s.timings
     fmt = lambda v: "-" if v is None else f"{v:.0f} s"  # noqa: E731
     ok = s.alarm_to_swap_s is not None and s.alarm_to_swap_s <= cfg.target_alarm_to_swap_s
     lines = ["## Closed-loop demo (issue 5)", "", f"Command: `{cmd}` (what `make demo` runs, in its own folder)  ",
-             f"Machine: {machine_line()}", *([args.note] if args.note else []), "",
+             f"Machine: {machine_line()}; {load}  ", *([args.note] if args.note else []), "",
              f"Generated line images at {cfg.image_size} px; version 1 trained on the normal exposure; the lamp changes "
              f"(exposure {cfg.normal_exposure} -> {cfg.shifted_exposure}) after {cfg.stream_in_domain} parts; the operator "
              f"has labelled {cfg.labelled_per_class} new-lamp images per defect class ({3 * cfg.labelled_per_class} good).",
