@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     from pipeline.demo import DemoConfig, run_demo
+    from pipeline.offline import apply_offline_defaults
+
+    apply_offline_defaults()
 
     cfg = DemoConfig(workdir=args.workdir, seed=args.seed)
     load_before = os.getloadavg()[0]
