@@ -34,6 +34,11 @@ def held_out_folder(data: Path, shots: int, seed: int, work: Path) -> Path:
     return out
 
 
+def held_out_counts(held: Path) -> dict[str, int]:
+    """Images per class in a held-out folder (a class with fewer images than K has none left to test)."""
+    return {d.name: sum(1 for _ in d.iterdir()) for d in sorted(held.iterdir()) if d.is_dir()}
+
+
 def trained_run(data: Path, shots: int, seed: int, work: Path, fresh: bool = False) -> tuple[Path, dict[str, Any]]:
     """A complete run folder for (shots, seed), trained now or reused; returns it and its timings."""
     from pipeline.run import RunConfig, run_training
@@ -82,7 +87,8 @@ def accuracy_runs(data: Path, shots_list: list[int], seeds: list[int], work: Pat
             row = {"shots": shots, "seed": seed, "bacc_fp32": rep["balanced_accuracy_fp32"],
                    "bacc_int8": rep["balanced_accuracy"], "change": rep["balanced_accuracy_change"],
                    "top1_agreement": rep["top1_agreement"], "within_gate": rep["within_gate"],
-                   "n_held_out": rep["n_images"], "train_wall_s": timing["wall_s"], "stages": timing["stages"],
+                   "n_held_out": rep["n_images"], "held_out_per_class": held_out_counts(held),
+                   "train_wall_s": timing["wall_s"], "stages": timing["stages"],
                    "int8_export_s": rep["export_s"], "trained_at": timing["trained_at"]}
             log(json.dumps(row))
             rows.append(row)
