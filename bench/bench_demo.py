@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     load_before = os.getloadavg()[0]
     s = run_demo(cfg, say=lambda msg: print(f"[demo] {msg}", flush=True))
     load = f"load average (1 min) {load_before:.1f} before, {os.getloadavg()[0]:.1f} after the run"
-    cmd = "python bench/bench_demo.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    cmd = " ".join(["python bench/bench_demo.py", *(shlex.quote(a) for a in (argv or sys.argv[1:]))])
     t = s.timings
     fmt = lambda v: "-" if v is None else f"{v:.0f} s"  # noqa: E731
     ok = s.alarm_to_swap_s is not None and s.alarm_to_swap_s <= cfg.target_alarm_to_swap_s

@@ -201,9 +201,17 @@ def torch_runner(run_dir: Path, threads: int) -> Callable[[np.ndarray], Any]:
     return run
 
 
+ENGINE_SWITCH_PAUSE_S = 0.2  # longer than OpenMP's / ONNX Runtime's spin-wait before threads sleep
+
+
 def interleaved_latency(runners: dict[str, Callable[[np.ndarray], Any]], x: np.ndarray, calls: int,
                         warmup: int, rounds: int) -> dict[str, dict[str, float]]:
-    """Per engine: median / p10 / p90 latency (ms) of one call on ``x``, measured in interleaved rounds."""
+    """Per engine: median / p10 / p90 latency (ms) of one call on ``x``, measured in interleaved rounds.
+
+    Between engines a short pause and one untimed call: the previous engine's idle threads (OpenMP's and
+    ONNX Runtime's spin-wait after a call) must not run beside the next engine's timed calls on a small
+    machine (on 2 cores that made INT8 batch-1 medians swing between 3 and 7 ms).
+    """
     for fn in runners.values():
         for _ in range(warmup):
             fn(x)
@@ -211,6 +219,8 @@ def interleaved_latency(runners: dict[str, Callable[[np.ndarray], Any]], x: np.n
     per_round = max(1, calls // rounds)
     for _ in range(rounds):
         for name, fn in runners.items():
+            time.sleep(ENGINE_SWITCH_PAUSE_S)
+            fn(x)
             for _ in range(per_round):
                 t = time.perf_counter()
                 fn(x)
