@@ -47,12 +47,7 @@ def make_tiny_model(out_dir: Path, name: str = "model", bias: float = 0.0, thres
         threshold=threshold, backbone="tiny-test", embedding_dim=3,
         train_manifest_sha256="0" * 64, opset=17,
     )
-    helper.set_model_props(model, {ONNX_METADATA_KEY: meta.to_json()})
-    path = out_dir / f"{name}.onnx"
-    onnx.save(model, path)
-    meta = meta.model_copy(update={"onnx_sha256": sha256_file(path)})
-    save_metadata(meta, path.with_suffix(".json"))
-    return path
+    return _save_with_metadata(model, meta, out_dir, name)
 
 
 def make_tiny_conv_model(out_dir: Path, name: str = "model", size: int = 32, threshold: float = 0.5,
@@ -107,9 +102,13 @@ def make_tiny_conv_model(out_dir: Path, name: str = "model", size: int = 32, thr
         classes=list(classes), good_class=classes[0], preprocess=PreprocessSpec(height=size, width=size),
         threshold=threshold, backbone="tiny-conv-test", embedding_dim=4, train_manifest_sha256="0" * 64, opset=17,
     )
+    return _save_with_metadata(model, meta, out_dir, name)
+
+
+def _save_with_metadata(model, meta: ModelMetadata, out_dir: Path, name: str) -> Path:
+    """Write ``out_dir/name.onnx`` with the metadata inside and beside it (sidecar with the file's sha256)."""
     helper.set_model_props(model, {ONNX_METADATA_KEY: meta.to_json()})
     path = out_dir / f"{name}.onnx"
     onnx.save(model, path)
-    meta = meta.model_copy(update={"onnx_sha256": sha256_file(path)})
-    save_metadata(meta, path.with_suffix(".json"))
+    save_metadata(meta.model_copy(update={"onnx_sha256": sha256_file(path)}), path.with_suffix(".json"))
     return path
