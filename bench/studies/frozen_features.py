@@ -23,10 +23,6 @@ sys.path.insert(0, str(REPO))
 VARIANTS = {"base": None, "blur0.8": 0.8, "blur1.5": 1.5}
 
 
-def balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
-    return float(np.mean([(pred[y == c] == c).mean() for c in np.unique(y)]))
-
-
 def logistic_regression(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, n_classes: int) -> np.ndarray:
     """L2-regularised, class-weighted multinomial logistic regression (LBFGS) on standardised features."""
     import torch
@@ -58,6 +54,7 @@ def main() -> None:
     from pipeline.data.decode import decode_file
     from pipeline.data.folders import sample_shots, scan_image_folder
     from pipeline.preprocess import PreprocessSpec, normalize, resize_image
+    from pipeline.train import balanced_accuracy
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared/datasets/magnetic-tile/images")
@@ -89,7 +86,8 @@ def main() -> None:
             shots, _ = sample_shots(ds, args.shots, seed)
             chosen = {s.path for s in shots.samples}
             tr = np.array([s.path in chosen for s in ds.samples])
-            scores.append(balanced_accuracy(y[~tr], logistic_regression(f[tr], y[tr], f[~tr], len(ds.classes))))
+            pred = logistic_regression(f[tr], y[tr], f[~tr], len(ds.classes))
+            scores.append(balanced_accuracy(y[~tr], pred, len(ds.classes)))
         print(f"{name}: balanced accuracy {np.mean(scores):.3f} ({', '.join(f'{s:.3f}' for s in scores)}) "
               f"[{time.time() - t:.0f} s]", flush=True)
 
