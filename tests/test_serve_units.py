@@ -181,6 +181,28 @@ def test_prepare_computes_drift_statistics_from_the_one_decode(tiny_model, monke
     assert plain.ready and plain.drift_stats is None
 
 
+@pytest.mark.parametrize("ext", [".png", ".jpg"])
+def test_prepare_grey_image_gives_what_the_rgb_path_gives(tiny_model, ext):
+    """Grey files take the one-channel path in the daemon (decode, resize, statistics); the model input,
+    the image statistics and the drift statistics must equal those of the training/RGB path."""
+    import cv2
+
+    from pipeline.data.decode import decode_bytes
+    from pipeline.drift.stats import image_statistics
+    from pipeline.preprocess import resize_image
+    from pipeline.serve.jobs import image_stats
+
+    spec = load_metadata(tiny_model).preprocess
+    grey = cv2.GaussianBlur(np.random.default_rng(2).integers(0, 255, (257, 607), dtype=np.uint8), (5, 5), 0)
+    data = cv2.imencode(ext, grey)[1].tobytes()
+    job = prepare(Job(source="http", kind="http", data=data), spec, 1 << 20, 1 << 20, None, drift_stats=True)
+    rgb = decode_bytes(data, spec=spec)
+    assert job.ready and rgb.shape == (257, 607, 3)
+    np.testing.assert_array_equal(job.image, resize_image(rgb, spec))
+    np.testing.assert_array_equal(job.drift_stats, image_statistics(rgb))
+    assert job.stats == image_stats(rgb)
+
+
 def test_prepare_scaled_jpeg_decode_reports_the_files_own_size(tiny_model):
     import cv2
 

@@ -97,18 +97,22 @@ def _float_blocks_to_uint8(img: np.ndarray) -> np.ndarray:
     return out
 
 
-def to_rgb_uint8(img: np.ndarray) -> np.ndarray:
-    """Any OpenCV-decoded array (BGR order, any depth/channels) -> HxWx3 uint8 RGB."""
+def to_rgb_uint8(img: np.ndarray, keep_grey: bool = False) -> np.ndarray:
+    """Any OpenCV-decoded array (BGR order, any depth/channels) -> HxWx3 uint8 RGB.
+
+    ``keep_grey``: a single-channel image (or grey + alpha) stays HxW uint8, for callers that resize
+    first and make the three identical channels afterwards (``resize_image`` accepts it): the same
+    pixels for a third of the resize work, as with the monochrome cameras most lines use.
+    """
     if img.ndim == 2:
         img = img[:, :, None]
     if img.ndim != 3 or img.shape[0] == 0 or img.shape[1] == 0:
         raise ImageDecodeError("bad_shape", f"unsupported image shape {img.shape}")
     img = _to_uint8(img)
     c = img.shape[2]
-    if c == 1:
-        return np.ascontiguousarray(np.repeat(img, 3, axis=2))
-    if c == 2:  # grey + alpha
-        return np.ascontiguousarray(np.repeat(img[:, :, :1], 3, axis=2))
+    if c in (1, 2):  # grey, grey + alpha
+        grey = np.ascontiguousarray(img[:, :, 0])
+        return grey if keep_grey else cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB)
     if c == 3:
         return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     if c == 4:
@@ -240,13 +244,13 @@ def _truncation_hint(data: bytes) -> str:
     return ""
 
 
-def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, spec: PreprocessSpec | None = None
-                 ) -> np.ndarray:
+def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, spec: PreprocessSpec | None = None,
+                 keep_grey: bool = False) -> np.ndarray:
     """Encoded image bytes -> HxWx3 uint8 RGB. Raises ImageDecodeError with a reason.
 
     ``spec``: the model input the image is decoded for. When it allows (``jpeg_scaled_decode``), a
     large 8-bit JPEG is decoded directly at a reduced scale (``decode_scale``); everything that feeds
-    a model passes its spec, so training and serving decode alike.
+    a model passes its spec, so training and serving decode alike. ``keep_grey``: see ``to_rgb_uint8``.
     """
     if not data:
         raise ImageDecodeError("empty", "empty file")
@@ -275,7 +279,7 @@ def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, spec: Prepro
                                + _truncation_hint(data))
     if img.shape[0] * img.shape[1] > max_pixels:
         raise ImageDecodeError("too_large", f"image has {img.shape[0] * img.shape[1]} pixels, limit is {max_pixels}")
-    return to_rgb_uint8(img)
+    return to_rgb_uint8(img, keep_grey)
 
 
 def decode_file(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,

@@ -104,6 +104,8 @@ def image_stats(img: np.ndarray, size: tuple[int, int] | None = None) -> ImageSt
     decode was scaled down."""
     mean, std = cv2.meanStdDev(img)
     m, s = mean.ravel(), std.ravel()
+    if m.size == 1:  # a grey image kept as one channel: its three channels are equal
+        m, s = np.repeat(m, 3), np.repeat(s, 3)
     width, height = size or (int(img.shape[1]), int(img.shape[0]))
     return ImageStats(height=int(height), width=int(width),
                       mean=(float(m[0]), float(m[1]), float(m[2])), std=(float(s[0]), float(s[1]), float(s[2])))
@@ -111,9 +113,9 @@ def image_stats(img: np.ndarray, size: tuple[int, int] | None = None) -> ImageSt
 
 def _decode(job: Job, max_pixels: int, spec: PreprocessSpec) -> np.ndarray:
     if job.frame is not None:
-        return to_rgb_uint8(job.frame)
+        return to_rgb_uint8(job.frame, keep_grey=True)
     assert job.data is not None
-    return decode_bytes(job.data, max_pixels=max_pixels, spec=spec)
+    return decode_bytes(job.data, max_pixels=max_pixels, spec=spec, keep_grey=True)  # resize_image makes it RGB
 
 
 def preprocess_job(job: Job, spec: PreprocessSpec, max_pixels: int, drift_stats: bool = False) -> None:
