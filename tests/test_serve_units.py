@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -303,6 +304,10 @@ def test_load_verified_refuses_tampered_broken_and_unchecked(tmp_path):
     loaded = load_verified(good, RuntimeOptions(max_batch=16), True)
     assert loaded.version == "v1" and loaded.model.options.max_batch == 4  # CPU: small ORT calls (memory)
     assert load_verified(good, RuntimeOptions(max_batch=16), True, infer_batch=8).model.options.max_batch == 8
+    # two inference streams share the in-flight images (same peak memory), unless told otherwise
+    assert load_verified(good, RuntimeOptions(max_batch=16), True, streams=2).model.options.max_batch == 2
+    assert load_verified(good, RuntimeOptions(max_batch=16), True, infer_batch=8, streams=2
+                         ).model.options.max_batch == 8
     data = bytearray(good.read_bytes())
     data[-1] ^= 0xFF
     good.write_bytes(bytes(data))
@@ -511,3 +516,81 @@ def test_daemon_calls_observers_after_commit_and_survives_their_errors(tiny_mode
     assert all(b.model_version == d.holder.current.version for b in got)
     assert d.metrics.observer_errors._value.get() == len(got)
     assert len(list(iter_all(tmp_path / "r.sqlite"))) == 4
+
+
+# -- inference streams -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("streams, threads, cores, want", [
+    (0, 0, 2, (2, 1)),   # auto on a small CPU host: two single-threaded calls
+    (0, 0, 16, (2, 8)),  # auto on a big one: two calls on half the cores each
+    (0, 0, 1, (1, 0)),   # one core: one call, ORT's default threads
+    (3, 0, 8, (3, 2)),   # explicit streams split the cores
+    (2, 4, 2, (2, 4)),   # explicit threads are kept as given
+    (1, 0, 8, (1, 0)),   # one stream: ORT's default (all cores)
+])
+def test_stream_plan_on_cpu(streams, threads, cores, want, monkeypatch):
+    from pipeline.serve import models
+
+    monkeypatch.setattr(models, "candidate_providers", lambda requested=None: ["CPUExecutionProvider"])
+    plan = models.plan_streams(streams, threads, None, cores=cores)
+    assert (plan.streams, plan.intra_op_threads) == want
+
+
+def test_stream_plan_with_a_gpu_provider_runs_one_call_at_a_time(monkeypatch):
+    from pipeline.serve import models
+
+    monkeypatch.setattr(models, "candidate_providers",
+                        lambda requested=None: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    plan = models.plan_streams(0, 0, None, cores=16)
+    assert (plan.streams, plan.intra_op_threads) == (1, 0)
+
+
+def test_batches_on_parallel_streams_are_committed_in_acceptance_order(tiny_model, tmp_path):
+    """A later batch that finishes first waits for the earlier one: rows, observers and HTTP answers keep
+    acceptance order whichever inference stream is faster."""
+    import cv2
+
+    from pipeline.serve.daemon import Daemon
+    from pipeline.serve.store import iter_all
+
+    seen: list[str] = []
+    settings = ServeSettings(model=str(tiny_model), db=tmp_path / "r.sqlite", http="127.0.0.1:0", max_batch=1,
+                             inference_streams=3, drift=False)
+    d = Daemon(settings, observers=[lambda b: seen.extend(i.source for i in b.items)])
+    assert d.streams.streams == 3
+    score, running, overlap = d._score, [0], threading.Event()
+    lock = threading.Lock()
+
+    def slow_first(model, jobs):
+        with lock:
+            running[0] += 1
+            if running[0] > 1:
+                overlap.set()
+        try:
+            if jobs[0].seq == 0:
+                time.sleep(0.6)  # the first batch is the slowest: the next ones overtake it
+            return score(model, jobs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    d._score = slow_first
+    d.start()
+    try:
+        futures = []
+        for i in range(6):
+            job = Job(source=f"http:{i}", kind="http",
+                      data=cv2.imencode(".png", np.full((20, 30, 3), 40 * i, np.uint8))[1].tobytes())
+            job.future = Future()
+            assert d.submit(job, timeout=5)
+            futures.append(job.future)
+            time.sleep(0.02)  # one image per batch, in this order
+        rows = [f.result(timeout=20) for f in futures]
+    finally:
+        d.shutdown()
+    assert overlap.is_set()  # batches really ran at the same time
+    stored = sorted(iter_all(tmp_path / "r.sqlite"), key=lambda r: r.id)
+    assert [r.source for r in stored] == [f"http:{i}" for i in range(6)]
+    assert [r.source for r in rows] == [f"http:{i}" for i in range(6)]
+    assert seen == [f"http:{i}" for i in range(6)]

@@ -3,14 +3,16 @@
 Threads and hand-offs (each arrow a queue; the capacity semaphore bounds everything in flight)::
 
     hot folder / HTTP / camera --submit--> decode pool (N threads: read, sha256, ledger lookup,
-    decode, resize) --ready--> batcher (collects up to max_batch images or max_wait_ms,
-    swaps the model between batches, runs ONNX Runtime) --scored--> committer (one SQLite
-    transaction per batch, then moves files / answers HTTP, metrics, observers)
+    decode, resize) --ready--> batcher (collects up to max_batch images or max_wait_ms, picks
+    the model: swaps happen only here, between batches) --> inference streams (S threads: stack,
+    normalise, ONNX Runtime) --scored, in batch order--> committer (one SQLite transaction per
+    batch, then moves files / answers HTTP, metrics, observers)
 
-The batcher only stacks the resized uint8 images, normalises them in one vectorised step and runs
-the model; everything else happens on other threads, so the model is fed back-to-back while the
-previous batch is being committed. A batch never waits for
-the deadline when nothing else is being decoded.
+The batcher forms the next batch as soon as an inference stream is free, so on a CPU host two
+ONNX Runtime calls run at once on half the cores each (``inference_streams``, auto 2) and the
+cores stay busy while the decode workers take their share. The committer takes scored batches in
+the order they were formed, so rows, moves and observers see images in acceptance order whichever
+stream finishes first. A batch never waits for the deadline when nothing else is being decoded.
 
 Never losing an image: a folder file leaves the folder only after its row is committed; a commit
 that fails is retried (the file stays, and if the daemon stops first it is redone at the next start);
@@ -34,7 +36,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +48,7 @@ from pipeline.serve.config import ServeSettings
 from pipeline.serve.drift import IMAGE_STATS_KEY, MODEL_KEY, DriftObserver, EventEmitter
 from pipeline.serve.jobs import ByteBudget, Job, prepare, preprocess_job
 from pipeline.serve.metrics import ServeMetrics
-from pipeline.serve.models import LoadedModel, ModelHolder, resolve_model_arg, runtime_options
+from pipeline.serve.models import LoadedModel, ModelHolder, plan_streams, resolve_model_arg, runtime_options
 from pipeline.serve.observers import BatchObserver, BatchResult, ImageResult, ObserverDispatcher, load_observer
 from pipeline.serve.recent import RecentSample
 from pipeline.serve.store import ResultRow, ResultStore, utc_iso
@@ -73,9 +75,10 @@ class Daemon:
         self.settings = settings
         self.metrics = ServeMetrics()
         locator = resolve_model_arg(settings.model, settings.line, settings.precision)
-        options = runtime_options(settings.providers, settings.intra_op_threads, settings.max_batch)
+        self.streams = plan_streams(settings.inference_streams, settings.intra_op_threads, settings.providers)
+        options = runtime_options(settings.providers, self.streams.intra_op_threads, settings.max_batch)
         self.holder = ModelHolder(locator, options, self.metrics, settings.model_poll_interval_s,
-                                  settings.require_checksum, settings.infer_batch)
+                                  settings.require_checksum, settings.infer_batch, self.streams.streams)
         self.store = ResultStore(settings.db, busy_timeout_s=settings.db_busy_timeout_s)
         extra = [load_observer(spec, settings) for spec in settings.observers]
         self.drift: DriftObserver | None = None
@@ -91,7 +94,11 @@ class Daemon:
                                        max_bytes=int(settings.recent_max_mb * 1024 * 1024), metrics=self.metrics)
         self.dispatcher = ObserverDispatcher([*observers, *extra], self.metrics)
         self._ready: queue.Queue[Job | None] = queue.Queue()
-        self._scored: queue.Queue[ScoredBatch | None] = queue.Queue(maxsize=2)
+        # futures of ScoredBatch, in the order the batches were formed (the committer's order)
+        self._scored: queue.Queue[tuple[Future[ScoredBatch], list[Job]] | None] = queue.Queue(
+            maxsize=self.streams.streams + 1)
+        self._free_streams = threading.Semaphore(self.streams.streams)
+        self._infer = ThreadPoolExecutor(max_workers=self.streams.streams, thread_name_prefix="infer")
         self._capacity = threading.Semaphore(settings.max_queue)
         self._count_lock = threading.Lock()
         self._depth = 0  # accepted, not yet completed
@@ -149,40 +156,61 @@ class Daemon:
 
     # -- batching + inference ---------------------------------------------------------------------------
     def _batch_loop(self) -> None:
-        s = self.settings
-        max_wait = s.max_wait_ms / 1000.0
         done = False
         while not done:
-            try:
-                first = self._ready.get(timeout=0.2)
-            except queue.Empty:
-                self._model_for_next_batch()  # idle: swap now rather than at the next image
+            self._free_streams.acquire()  # form the next batch only when a stream can run it
+            batch, done = self._collect_batch()
+            if not batch:
+                self._free_streams.release()
+                if not done:
+                    self._model_for_next_batch()  # idle: swap now rather than at the next image
                 continue
-            if first is None:
-                break
-            batch = [first]
-            deadline = time.monotonic() + max_wait
-            while len(batch) < s.max_batch:
-                try:
-                    item = self._ready.get_nowait()
-                except queue.Empty:
-                    if self._decoding == 0:
-                        break  # nothing else is on its way: do not wait for the deadline
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    try:
-                        item = self._ready.get(timeout=remaining)
-                    except queue.Empty:
-                        break
-                if item is None:
-                    done = True
-                    break
-                batch.append(item)
             batch.sort(key=lambda j: j.seq)  # decode finishes out of order; rows follow acceptance order
             model = self._model_for_next_batch()  # between batches: the only place a swap happens
-            self._scored.put(self._score(model, batch))
+            try:
+                future = self._infer.submit(self._score_on_stream, model, batch)
+            except RuntimeError:  # executor already shut down (cannot happen before the None below)
+                self._free_streams.release()
+                future = Future()
+                future.set_result(self._score(model, batch))
+            self._scored.put((future, batch))
         self._scored.put(None)
+
+    def _collect_batch(self) -> tuple[list[Job], bool]:
+        """Up to max_batch ready images (waiting at most max_wait_ms once the first is in); ([], False)
+        after 0.2 s without any; done=True once the shutdown marker is read."""
+        s = self.settings
+        try:
+            first = self._ready.get(timeout=0.2)
+        except queue.Empty:
+            return [], False
+        if first is None:
+            return [], True
+        batch = [first]
+        deadline = time.monotonic() + s.max_wait_ms / 1000.0
+        while len(batch) < s.max_batch:
+            try:
+                item = self._ready.get_nowait()
+            except queue.Empty:
+                if self._decoding == 0:
+                    break  # nothing else is on its way: do not wait for the deadline
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    item = self._ready.get(timeout=remaining)
+                except queue.Empty:
+                    break
+            if item is None:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _score_on_stream(self, model: LoadedModel, jobs: list[Job]) -> ScoredBatch:
+        try:
+            return self._score(model, jobs)
+        finally:
+            self._free_streams.release()
 
     def _model_for_next_batch(self) -> LoadedModel:
         try:
@@ -237,14 +265,15 @@ class Daemon:
     # -- commit + completion ----------------------------------------------------------------------------
     def _commit_loop(self) -> None:
         while True:
-            sb = self._scored.get()
-            if sb is None:
+            item = self._scored.get()
+            if item is None:
                 return
+            future, jobs = item
             try:
-                self._commit(sb)
+                self._commit(future.result())
             except Exception:  # a bug here must not strand the jobs
                 log.exception("commit step failed")
-                for j in sb.jobs:
+                for j in jobs:
                     self._complete(j, None, error="internal error while committing")
 
     def _row(self, job: Job, model: LoadedModel, output: tuple[Prediction, np.ndarray] | None) -> ResultRow:
@@ -382,7 +411,8 @@ class Daemon:
                                        s.camera_reconnect_max_s, s.camera_max_failures)
             self.camera.start()
         m = self.holder.current
-        log.info("serving model %s (%s) on %s; sources: %s", m.version, m.sha256[:12], m.provider,
+        log.info("serving model %s (%s) on %s, %d inference stream(s) x %s thread(s); sources: %s", m.version,
+                 m.sha256[:12], m.provider, self.streams.streams, self.streams.intra_op_threads or "auto",
                  ", ".join(self.source_names()),
                  extra={"event": "started", "version": m.version, "provider": m.provider, "pid": os.getpid()})
 
@@ -429,6 +459,7 @@ class Daemon:
         if self.http is not None:
             self.http.join()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._infer.shutdown(wait=False)
         if self.recent is not None:
             self.recent.close()
         self.dispatcher.stop()
@@ -484,6 +515,7 @@ class Daemon:
             "status": "stopping" if self.stopping else ("ok" if self.store_ok else "degraded"),
             "model_version": m.version, "model_sha256": m.sha256, "provider": m.provider,
             "model": m.describe(), "swaps": self.holder.swaps, "last_refusal": self.holder.last_refusal,
+            "inference_streams": self.streams.streams, "intra_op_threads": self.streams.intra_op_threads,
             "queue_depth": self._depth, "max_queue": self.settings.max_queue,
             "uptime_s": round(time.monotonic() - self.started_monotonic, 3),
             "line": self.settings.line, "db": str(self.store.path), "pid": os.getpid(),

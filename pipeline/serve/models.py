@@ -25,7 +25,7 @@ import numpy as np
 
 from pipeline.metadata import ModelMetadata, load_metadata, precision_path, sidecar_path
 from pipeline.preprocess import PreprocessSpec
-from pipeline.runtime import ModelIntegrityError, OnnxModel, RuntimeOptions
+from pipeline.runtime import ModelIntegrityError, OnnxModel, RuntimeOptions, candidate_providers
 
 if TYPE_CHECKING:
     from pipeline.serve.metrics import ServeMetrics
@@ -196,20 +196,22 @@ def smoke_test(model: OnnxModel) -> None:
 
 
 # On CPU, ONNX Runtime's peak activation memory grows linearly with the batch (EfficientNet-Lite0 at
-# 224 px: ~210 MB at 4 images, ~540 MB at 16) while throughput barely changes past 4 images.
+# 224 px: ~210 MB at 4 images, ~540 MB at 16) while throughput barely changes past 4 images. With
+# several inference streams the images in flight at once are shared out between them (2 streams x 2
+# images: the same peak as 1 x 4, and the fastest on 2 cores: BENCHMARKS.md daemon-e2e).
 CPU_INFER_BATCH = 4
 
 
-def tune_batch(model: OnnxModel, infer_batch: int, max_batch: int) -> None:
+def tune_batch(model: OnnxModel, infer_batch: int, max_batch: int, streams: int = 1) -> None:
     """Set how many images one ONNX Runtime call gets (``OnnxModel.run`` chunks by ``options.max_batch``)."""
-    chunk = infer_batch or (min(CPU_INFER_BATCH, max_batch) if model.provider == "CPUExecutionProvider"
-                            else max_batch)
+    cpu_chunk = max(1, CPU_INFER_BATCH // max(1, streams))
+    chunk = infer_batch or (min(cpu_chunk, max_batch) if model.provider == "CPUExecutionProvider" else max_batch)
     model.options = model.options.model_copy(update={"max_batch": chunk})
 
 
 def load_verified(path: Path, options: RuntimeOptions, require_checksum: bool, fingerprint: Any = None,
-                  infer_batch: int = 0, line: str | None = None, registered_sha256: str | None = None
-                  ) -> LoadedModel:
+                  infer_batch: int = 0, line: str | None = None, registered_sha256: str | None = None,
+                  streams: int = 1) -> LoadedModel:
     """Load, verify integrity, smoke-test. Raises ModelRefused(reason) for anything unfit to serve.
 
     ``line``: when given and the metadata names a line, they must agree (a model trained for another
@@ -240,7 +242,7 @@ def load_verified(path: Path, options: RuntimeOptions, require_checksum: bool, f
         raise ModelRefused("load", f"{path}: ONNX Runtime cannot load it: {exc}") from exc
     if registered_sha256 is not None and model.sha256 != registered_sha256:  # the bytes actually loaded
         raise ModelRefused("integrity", f"{path}: changed while loading (sha256 {model.sha256[:12]}…); refused")
-    tune_batch(model, infer_batch, options.max_batch)
+    tune_batch(model, infer_batch, options.max_batch, streams)
     smoke_test(model)
     return LoadedModel(model=model, version=model_version(meta, model.sha256), path=path, fingerprint=fingerprint)
 
@@ -249,16 +251,18 @@ class ModelHolder:
     """Holds the serving model; a watcher thread prepares verified replacements for a swap between batches."""
 
     def __init__(self, locator: ModelLocator, options: RuntimeOptions, metrics: "ServeMetrics",
-                 poll_interval_s: float = 2.0, require_checksum: bool = True, infer_batch: int = 0):
+                 poll_interval_s: float = 2.0, require_checksum: bool = True, infer_batch: int = 0,
+                 streams: int = 1):
         self.locator = locator
         self.infer_batch = infer_batch
+        self.streams = streams
         self.options = options
         self.metrics = metrics
         self.poll_interval_s = poll_interval_s
         self.require_checksum = require_checksum
         path, fp = locator.resolve()
         self.current: LoadedModel = load_verified(path, options, require_checksum, fp, infer_batch, locator.line,
-                                                  locator.registered_sha256(path, fp))
+                                                  locator.registered_sha256(path, fp), streams)
         metrics.set_model(self.current.version, self.current.sha256, self.current.provider)
         self._pending: LoadedModel | None = None
         self._lock = threading.Lock()
@@ -308,7 +312,7 @@ class ModelHolder:
         log.info("model change detected, loading %s", path)
         try:
             candidate = load_verified(path, self.options, self.require_checksum, fp, self.infer_batch,
-                                      self.locator.line, self.locator.registered_sha256(path, fp))
+                                      self.locator.line, self.locator.registered_sha256(path, fp), self.streams)
         except ModelRefused as exc:
             self._refuse(fp, exc.reason, str(exc))
             return
@@ -344,6 +348,39 @@ class ModelHolder:
         log.info("model swapped %s -> %s", old.version, self.current.version,
                  extra={"event": "model_swapped", "old": old.version, "new": self.current.version})
         return self.current
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's or systemd's CPUAffinity)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """How the daemon runs ONNX Runtime: ``streams`` calls at once, each on ``intra_op_threads`` threads."""
+
+    streams: int
+    intra_op_threads: int  # 0: ONNX Runtime's default
+
+
+def plan_streams(streams: int, intra_op_threads: int, providers: list[str] | None,
+                 cores: int | None = None) -> StreamPlan:
+    """Resolve the ``inference_streams`` / ``intra_op_threads`` settings (0 = auto) for this host.
+
+    On a CPU, one call spread over every core spends part of each layer waiting for its slowest thread,
+    and on a small host the decode workers preempt exactly those threads. Two calls at once on half the
+    cores each keep every core busy instead (measured on 2 cores, 640x480 JPEG: see BENCHMARKS.md
+    ``daemon-e2e``); a lone image then takes the latency of half the cores. A GPU provider runs one
+    call at a time (it batches internally); auto picks it whenever this ONNX Runtime build offers one.
+    """
+    cores = cores or usable_cores()
+    on_cpu = candidate_providers(providers)[0] == "CPUExecutionProvider"
+    n = streams or (2 if on_cpu and cores >= 2 else 1)
+    threads = intra_op_threads or (max(1, cores // n) if on_cpu and n > 1 else 0)
+    return StreamPlan(streams=n, intra_op_threads=threads)
 
 
 def runtime_options(providers: list[str] | None, intra_op_threads: int, max_batch: int) -> RuntimeOptions:
