@@ -6,6 +6,8 @@
 Small defects (a blowhole, a thin crack) cover a few percent of a tile: averaging over the whole image
 dilutes them, and ImageNet's top layer describes objects rather than texture. Prints mean balanced
 accuracy on every image not among the shots per feature set. Needs the [train] extra (torch).
+Measured 2026-11-30 (224 px / 320 px): head mean 0.771 / 0.771, head max 0.805 / 0.797, blocks 10+14
+mean+max+std 0.818 / 0.818; early blocks 4+7 0.705 / 0.680.
 """
 
 from __future__ import annotations
