@@ -537,6 +537,26 @@ def test_stream_plan_on_cpu(streams, threads, cores, want, monkeypatch):
     assert (plan.streams, plan.intra_op_threads) == want
 
 
+def test_stream_plan_keeps_one_call_on_every_core_for_http_only_daemons(monkeypatch, tmp_path, tiny_model):
+    from pipeline.serve import models
+    from pipeline.serve.daemon import Daemon
+
+    monkeypatch.setattr(models, "candidate_providers", lambda requested=None: ["CPUExecutionProvider"])
+    assert models.plan_streams(0, 0, None, cores=2, queued_sources=False) == models.StreamPlan(1, 0)
+    assert models.plan_streams(2, 0, None, cores=2, queued_sources=False) == models.StreamPlan(2, 1)  # as asked
+    monkeypatch.setattr(models, "usable_cores", lambda: 4)
+    http_only = Daemon(ServeSettings(model=str(tiny_model), db=tmp_path / "a.sqlite", http="127.0.0.1:0"))
+    with_folder = Daemon(ServeSettings(model=str(tiny_model), db=tmp_path / "b.sqlite", http="127.0.0.1:0",
+                                       watch=tmp_path / "in"))
+    try:
+        assert http_only.streams == models.StreamPlan(1, 0)
+        assert with_folder.streams == models.StreamPlan(2, 2)
+        assert with_folder.health()["inference_streams"] == 2
+    finally:
+        http_only.shutdown()
+        with_folder.shutdown()
+
+
 def test_stream_plan_with_a_gpu_provider_runs_one_call_at_a_time(monkeypatch):
     from pipeline.serve import models
 

@@ -44,7 +44,8 @@ def _settings_error(exc: Exception) -> click.UsageError:
 @click.option("--max-wait-ms", type=float, help="longest wait for a batch to fill [20]")
 @click.option("--workers", type=int, help="decode/preprocess threads [2]")
 @click.option("--inference-streams", type=int,
-              help="ONNX Runtime calls at once; 0 = auto (2 on a CPU host with >= 2 cores, else 1) [0]")
+              help="ONNX Runtime calls at once; 0 = auto (2 on a CPU host with >= 2 cores and a folder or "
+                   "camera source, else 1) [0]")
 @click.option("--intra-op-threads", type=int, help="ONNX Runtime threads per call; 0 = auto [0]")
 @click.option("--max-queue", type=int, help="images accepted but not committed [32]")
 @click.option("--max-upload-bytes", type=int, help="HTTP upload limit -> 413 [32 MiB]")

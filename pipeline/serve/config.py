@@ -48,7 +48,7 @@ class ServeSettings(BaseSettings):
     workers: int = Field(2, ge=1, le=64, description="decode + preprocess threads")
     inference_streams: int = Field(0, ge=0, le=64, description="ONNX Runtime calls run at once, each on its own "
                                    "micro-batch; 0 = auto: 2 when the model runs on the CPU of a host with >= 2 "
-                                   "cores, else 1 (see deploy/SERVING.md)")
+                                   "cores and a hot folder or camera feeds the daemon, else 1 (see deploy/SERVING.md)")
     max_queue: int = Field(32, ge=1, description="images accepted but not yet committed (backpressure)")
 
     # Operator-triggered re-adaptation over HTTP: POST /adapt. Off unless a token is set.

@@ -75,7 +75,8 @@ class Daemon:
         self.settings = settings
         self.metrics = ServeMetrics()
         locator = resolve_model_arg(settings.model, settings.line, settings.precision)
-        self.streams = plan_streams(settings.inference_streams, settings.intra_op_threads, settings.providers)
+        self.streams = plan_streams(settings.inference_streams, settings.intra_op_threads, settings.providers,
+                                    queued_sources=bool(settings.watch or settings.camera is not None))
         options = runtime_options(settings.providers, self.streams.intra_op_threads, settings.max_batch)
         self.holder = ModelHolder(locator, options, self.metrics, settings.model_poll_interval_s,
                                   settings.require_checksum, settings.infer_batch, self.streams.streams)
