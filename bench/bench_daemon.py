@@ -5,9 +5,10 @@
 
 * bare model: ONNX Runtime alone on already preprocessed batches, in every configuration the
   daemon could use: one call at a time on all cores (ORT's default threads) at the daemon's
-  micro-batch and at its per-call chunk, and the daemon's own plan (``--streams`` calls at once on
-  ``--threads`` threads each, as ``pipeline.serve.models.plan_streams`` resolves them). The ratio is
-  taken against the fastest of these, so the daemon is never flattered by a slow reference;
+  micro-batch and at its per-call chunk, the auto plan of a folder-fed daemon on this host, and the
+  daemon's own plan (``--streams`` calls at once on ``--threads`` threads each, as
+  ``pipeline.serve.models.plan_streams`` resolves them). The ratio is taken against the fastest of
+  these whatever the daemon runs, so no configuration is flattered by a slow reference;
 * hot folder: the real daemon (``python -m pipeline.serve``) in a subprocess; ``--images`` encoded
   files are renamed into its folder at once, timed until every row is committed and every file moved
   (includes reading, sha256, decode, resize, the SQLite commit with fsync and the move); best of
@@ -296,9 +297,13 @@ def main() -> None:
     bare[f"1 call, batch {args.batch}"] = bench_bare(args.model, images, args.batch, 0)
     if one_call_chunk != args.batch:
         bare[f"1 call, batch {one_call_chunk}"] = bench_bare(args.model, images, one_call_chunk, 0)
-    if plan.streams > 1 or plan.intra_op_threads:
-        bare[f"{plan.streams} x {plan.intra_op_threads or 'auto'} threads, batch {chunk}"] = bench_bare(
-            args.model, images, chunk, plan.intra_op_threads, plan.streams)
+    configs = {(plan.streams, plan.intra_op_threads, chunk)}
+    auto = plan_streams(0, 0, None)  # what auto gives a folder-fed daemon here: always among the references
+    configs.add((auto.streams, auto.intra_op_threads, max(1, CPU_INFER_BATCH // auto.streams) if on_cpu else chunk))
+    for n, threads, per_call in sorted(configs):
+        if n > 1 or threads:
+            bare[f"{n} x {threads or 'auto'} threads, batch {per_call}"] = bench_bare(
+                args.model, images, per_call, threads, n)
     best_name = max(bare, key=lambda k: bare[k][0])
     best, best_cpu = bare[best_name]
     work = Path(tempfile.mkdtemp(prefix="bench_daemon_"))
