@@ -8,9 +8,9 @@ Threads and hand-offs (each arrow a queue; the capacity semaphore bounds everyth
     normalise, ONNX Runtime) --scored, in batch order--> committer (one SQLite transaction per
     batch, then moves files / answers HTTP, metrics, observers)
 
-The batcher forms the next batch as soon as an inference stream is free, so on a CPU host two
-ONNX Runtime calls run at once on half the cores each (``inference_streams``, auto 2) and the
-cores stay busy while the decode workers take their share. The committer takes scored batches in
+The batcher forms the next batch as soon as an inference stream is free, so on a CPU host fed by a
+hot folder or camera two ONNX Runtime calls run at once on half the cores each (``inference_streams``,
+``models.plan_streams``) and the cores stay busy while the decode workers take their share. The committer takes scored batches in
 the order they were formed, so rows, moves and observers see images in acceptance order whichever
 stream finishes first. A batch never waits for the deadline when nothing else is being decoded.
 
