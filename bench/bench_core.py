@@ -45,7 +45,7 @@ def dump_scores(path: Path, model, details, summary, cfg) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"probs": details.probs, "y": details.y_true, "paths": np.array([str(p) for p in details.paths])}
-    train_set, val_set, _ = split_dataset(scan_image_folder(cfg.data_dir), cfg)
+    train_set, val_set, _ = split_dataset(scan_image_folder(cfg.data_dir), cfg, summary.metadata.good_class)
     for part, ds in (("train", train_set), ("val", val_set)):
         _, d = evaluate_model(model, ds)
         arrays.update({f"{part}_probs": d.probs, f"{part}_y": d.y_true})

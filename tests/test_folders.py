@@ -224,3 +224,34 @@ def test_manifest_symlinked_files_hash_target_content(tmp_path: Path):
     rows = {r["path"]: r for r in scan_image_folder(tmp_path / "d").manifest()}
     assert rows["bad/link.png"]["sha256"] == rows["good/a.png"]["sha256"]
     assert os.path.islink(tmp_path / "d" / "bad" / "link.png")
+
+
+@pytest.mark.parametrize("mode, defects_validate", [("all", True), ("good", False), ("auto", False)])
+def test_validation_split_keeps_scarce_defect_images_for_training(ds: ImageFolder, mode: str, defects_validate: bool):
+    """"good": only good parts are held back (the threshold needs nothing else), every defect image trains;
+    "auto" does that when a defect class has fewer than 40 images (here 12, 5 and 1)."""
+    from pipeline.run import RunConfig, split_dataset
+
+    cfg = RunConfig(data_dir=ds.root, out_dir=ds.root / "run", validation_split=mode)
+    train, val, remainder = split_dataset(ds, cfg, "good")
+    assert remainder is None and set(train.samples).isdisjoint(val.samples)
+    assert sorted(train.samples + val.samples, key=str) == sorted(ds.samples, key=str)
+    assert val.counts()["good"] == 10 and train.counts()["good"] == 30  # the good split is the same in every mode
+    if defects_validate:
+        assert val.counts()["crack"] == 3 and train.counts()["crack"] == 9
+    else:
+        assert all(val.counts()[c] == 0 and train.counts()[c] == n for c, n in COUNTS.items() if c != "good")
+
+
+def test_validation_split_auto_validates_every_class_when_defects_are_plentiful(tmp_path: Path):
+    from pipeline.run import RunConfig, split_dataset, validation_classes
+
+    ds = make_dataset(tmp_path / "data", {"good": 80, "crack": 40, "dent": 44})
+    cfg = RunConfig(data_dir=ds.root, out_dir=tmp_path / "run")
+    assert validation_classes(ds, "good", cfg) == "all"
+    _, val, _ = split_dataset(ds, cfg, "good")
+    assert val.counts() == {"crack": 10, "dent": 11, "good": 20}
+    few = RunConfig(data_dir=ds.root, out_dir=tmp_path / "run", shots=20)  # 20 labelled per class: scarce
+    train, val, rest = split_dataset(ds, few, "good")
+    assert val.counts() == {"crack": 0, "dent": 0, "good": 5} and train.counts() == {"crack": 20, "dent": 20, "good": 15}
+    assert sum(rest.counts().values()) == 164 - 60

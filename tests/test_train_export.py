@@ -32,6 +32,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path, Path]:
     res = CliRunner().invoke(main, ["train", str(data), "--out", str(root / "run"), "--config", str(cfg),
                                     "--seed", "1"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
+    assert "validation good parts only (every defect image trained)" in res.output
     return root / "run", test, data
 
 
@@ -50,6 +51,9 @@ def test_run_folder_is_complete(trained):
     assert {"stage1_head_s", "stage2_finetune_s", "total_s"} <= set(metrics["timings"])
     # the unreadable file is reported by name, not silently dropped
     assert any("not_an_image.png" in s["path"] for s in metrics["skipped"])
+    # 6 images per defect class are scarce: all of them trained, only good parts were held back to validate
+    assert metrics["counts"]["val"]["good"] > 0 and not any(n for c, n in metrics["counts"]["val"].items() if c != "good")
+    assert metrics["validation"]["n_defect"] == 0 and metrics["validation"]["false_reject_rate"] is not None
 
 
 def test_evaluate_json_contract(trained):

@@ -37,11 +37,14 @@ def _fail(msg: str) -> None:
 @click.option("--epochs", type=click.IntRange(min=0), help="Fine-tuning epochs (stage 2).")
 @click.option("--target-frr", default=0.02, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="False-reject rate the operating threshold is set for.")
+@click.option("--validation-split", type=click.Choice(["auto", "all", "good"]), default="auto", show_default=True,
+              help="Classes the validation split (threshold, report) takes images from: good = only good parts, "
+                   "every defect image trains; auto = good when a defect class has fewer than 40 images.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="YAML/JSON file with TrainConfig fields (command-line options win).")
 def train(data_dir: Path, out_dir: Path, shots: int | None, seed: int, good_class: str | None, img_size: int | None,
           resize: str, backbone: str, weights: str | None, epochs: int | None, target_frr: float,
-          config_file: Path | None) -> None:
+          validation_split: str, config_file: Path | None) -> None:
     """Fine-tune a pretrained backbone on DATA_DIR (one folder per class) and export a checked ONNX model."""
     import yaml
 
@@ -56,7 +59,7 @@ def train(data_dir: Path, out_dir: Path, shots: int | None, seed: int, good_clas
     try:
         tcfg = TrainConfig(**{**(base or {}), **{k: v for k, v in overrides.items() if v is not None}})
         cfg = RunConfig(data_dir=data_dir, out_dir=out_dir, good_class=good_class, shots=shots,
-                        target_frr=target_frr, train=tcfg)
+                        target_frr=target_frr, validation_split=validation_split, train=tcfg)
         with progress_bar() as update:
             summary = run_training(cfg, progress=update)
     except (MissingWeightsError, ValueError, FileNotFoundError) as exc:
@@ -68,9 +71,13 @@ def train(data_dir: Path, out_dir: Path, shots: int | None, seed: int, good_clas
     click.echo(f"model      {summary.onnx_path}")
     click.echo(f"report     {summary.out_dir / 'report.html'}")
     click.echo(f"classes    {', '.join(summary.metadata.classes)} (good: {summary.metadata.good_class})")
-    click.echo(f"validation balanced accuracy {m['balanced_accuracy']:.3f}, defect recall "
-               f"{m['defect_recall_at_frr']:.3f} at false-reject rate {m['false_reject_rate']:.3f} "
-               f"(threshold {summary.metadata.threshold:.3f}, {m['n_images']} images)")
+    if m.get("n_defect"):
+        click.echo(f"validation balanced accuracy {m['balanced_accuracy']:.3f}, defect recall "
+                   f"{m['defect_recall_at_frr']:.3f} at false-reject rate {m['false_reject_rate']:.3f} "
+                   f"(threshold {summary.metadata.threshold:.3f}, {m['n_images']} images)")
+    else:  # validation_split "good": every defect image trained, only good parts were held back
+        click.echo(f"validation good parts only (every defect image trained): false-reject rate "
+                   f"{m['false_reject_rate']:.3f} at threshold {summary.metadata.threshold:.3f} ({m['n_images']} images)")
     click.echo(f"parity     max |dp| {summary.parity['max_abs_prob_diff']:.1e}, top-1 agreement "
                f"{summary.parity['top1_agreement']:.0%} on {summary.parity['n_images']} images")
     click.echo("time       " + ", ".join(f"{k} {v:.1f}s" for k, v in summary.timings.items()))
