@@ -1,7 +1,7 @@
 """Accuracy vs labelled images per class on magnetic-tile, fp32 and INT8, with training wall time.
 
 Library for ``bench/run_all.py``. One run per (shots, seed): ``run_training`` on K labelled images per
-class (3/4 train, 1/4 validation, as ``defect train --shots K``), then fp32 and INT8 (quantised on the
+class (split as ``defect train --shots K`` splits them: ``RunConfig.validation_split``), then fp32 and INT8 (quantised on the
 run's training images) evaluated side by side on every other image of the dataset (held out).
 Run folders are kept under the work folder and reused when complete, so parts can be re-run cheaply.
 """

@@ -119,7 +119,9 @@ def main() -> None:
     lines = [
         "## Core loop on magnetic-tile (issue 2)", "",
         f"Command: `{cmd}`  ", f"Machine: {machine_line()}", "",
-        f"{args.shots} labelled images per class (3/4 train, 1/4 validation for early stopping and the threshold), "
+        f"{args.shots} labelled images per class, split as `defect train --shots {args.shots}` splits them (default "
+        f"`validation_split` auto: where defect images are scarce a quarter of the good parts validate the threshold "
+        f"and every defect image trains), "
         "evaluated through ONNX Runtime on all other images (held out).", "",
         "| seed | balanced accuracy | defect recall at model threshold | false-reject rate | oracle recall at 2 % FRR | AUROC | held-out images | training wall time |",
         "|---|---|---|---|---|---|---|---|",

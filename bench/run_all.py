@@ -462,9 +462,11 @@ def render_accuracy(res: Results, out: Path) -> None:
     lines = _head("Accuracy vs labelled images per class, fp32 and INT8 (issue 6)", e)
     trained = sorted(r["trained_at"] for r in rows)  # runs are reused from the work folder: say when they ran
     lines[4] = f"Measured: runs trained {trained[0]} to {trained[-1]} (per run: section `training`)"
-    lines += ["magnetic-tile, EfficientNet-Lite0 (default recipe), K labelled images per class (3/4 train, 1/4 "
-              "validation); every other image is held out and scored by both the fp32 and the INT8 model (INT8 "
-              "calibrated on the run's training images only).", "",
+    lines += ["magnetic-tile, EfficientNet-Lite0 (default recipe), K labelled images per class, split as "
+              "`defect train --shots K` splits them (default `validation_split` auto: with fewer than 40 "
+              "images per defect class, a quarter of the good parts validate and every defect image trains; "
+              "otherwise a quarter of every class); every other image is held out and scored by both the fp32 "
+              "and the INT8 model (INT8 calibrated on the run's training images only).", "",
               "| shots | seeds | balanced accuracy fp32 | balanced accuracy INT8 | change (points) | top-1 agreement "
               "| within the 1-point gate | training wall time (median) |", "|---|---|---|---|---|---|---|---|"]
     for k in sorted({r["shots"] for r in rows}):

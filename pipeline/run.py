@@ -178,6 +178,9 @@ def run_training(cfg: RunConfig, progress: Progress | None = None, dataset: Imag
     threshold = fit_threshold(val_scores[result.val_labels == gi], cfg.target_frr)
     metrics = evaluate.classification_metrics(result.val_labels, result.val_probs, result.classes, good,
                                               threshold=threshold, target_frr=cfg.target_frr)
+    metrics["validation_split"] = validation_classes(train_set.subset(train_set.samples + val_set.samples), good, cfg)
+    if not metrics.get("n_defect"):  # good parts only: an average over one class is not a balanced accuracy
+        metrics["balanced_accuracy"] = metrics["macro_f1"] = None
 
     t0 = time.perf_counter()
     check_paths = [s.path for s in val_set.samples] + [s.path for s in train_set.samples]

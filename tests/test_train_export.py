@@ -54,6 +54,8 @@ def test_run_folder_is_complete(trained):
     # 6 images per defect class are scarce: all of them trained, only good parts were held back to validate
     assert metrics["counts"]["val"]["good"] > 0 and not any(n for c, n in metrics["counts"]["val"].items() if c != "good")
     assert metrics["validation"]["n_defect"] == 0 and metrics["validation"]["false_reject_rate"] is not None
+    assert metrics["validation"]["validation_split"] == "good"
+    assert metrics["validation"]["balanced_accuracy"] is None  # one class is not a balanced accuracy
 
 
 def test_evaluate_json_contract(trained):
