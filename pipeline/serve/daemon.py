@@ -170,7 +170,7 @@ class Daemon:
             model = self._model_for_next_batch()  # between batches: the only place a swap happens
             try:
                 future = self._infer.submit(self._score_on_stream, model, batch)
-            except RuntimeError:  # executor already shut down (cannot happen before the None below)
+            except RuntimeError:  # executor shut down after a drain timeout while this thread ran on: score here
                 self._free_streams.release()
                 future = Future()
                 future.set_result(self._score(model, batch))
