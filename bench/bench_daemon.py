@@ -275,7 +275,7 @@ def main() -> None:
     ap.add_argument("--note", default="", help="free text for the table's note column")
     args = ap.parse_args()
 
-    from pipeline.serve.models import CPU_INFER_BATCH, plan_streams
+    from pipeline.serve.models import infer_chunk, plan_streams
 
     if args.images_from:
         everything, args.format, input_label = folder_images(args.images_from, args.images * args.rounds)
@@ -289,9 +289,8 @@ def main() -> None:
     on_cpu = model.provider == "CPUExecutionProvider"
     del model
     plan = plan_streams(args.streams, args.threads, None)
-    chunk = args.infer_batch or (min(max(1, CPU_INFER_BATCH // plan.streams), args.batch) if on_cpu
-                                 else args.batch)
-    one_call_chunk = args.infer_batch or (min(CPU_INFER_BATCH, args.batch) if on_cpu else args.batch)
+    chunk = infer_chunk(on_cpu, args.infer_batch, args.batch, plan.streams)
+    one_call_chunk = infer_chunk(on_cpu, args.infer_batch, args.batch)
     # the bare model in each configuration the daemon could run it in; the ratio uses the fastest
     bare: dict[str, tuple[float, float]] = {}
     bare[f"1 call, batch {args.batch}"] = bench_bare(args.model, images, args.batch, 0)
@@ -299,7 +298,7 @@ def main() -> None:
         bare[f"1 call, batch {one_call_chunk}"] = bench_bare(args.model, images, one_call_chunk, 0)
     configs = {(plan.streams, plan.intra_op_threads, chunk)}
     auto = plan_streams(0, 0, None)  # what auto gives a folder-fed daemon here: always among the references
-    configs.add((auto.streams, auto.intra_op_threads, max(1, CPU_INFER_BATCH // auto.streams) if on_cpu else chunk))
+    configs.add((auto.streams, auto.intra_op_threads, infer_chunk(on_cpu, args.infer_batch, args.batch, auto.streams)))
     for n, threads, per_call in sorted(configs):
         if n > 1 or threads:
             bare[f"{n} x {threads or 'auto'} threads, batch {per_call}"] = bench_bare(

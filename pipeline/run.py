@@ -71,7 +71,7 @@ def split_dataset(ds: ImageFolder, cfg: RunConfig, good_class: str
     if cfg.shots:
         pool, remainder = sample_shots(ds, cfg.shots, seed)
     train_set, val_set = stratified_split(pool, cfg.val_fraction, seed)
-    if validation_classes(pool, good_class, cfg) == "good":  # defect images all train; only good parts validate
+    if validation_classes(pool.counts(), good_class, cfg) == "good":  # every defect image trains
         gi = pool.classes.index(good_class)
         keep = [s for s in val_set.samples if s.label == gi]
         train_set = pool.subset(train_set.samples + [s for s in val_set.samples if s.label != gi])
@@ -82,11 +82,10 @@ def split_dataset(ds: ImageFolder, cfg: RunConfig, good_class: str
 SCARCE_DEFECT_IMAGES = 40
 
 
-def validation_classes(pool: ImageFolder, good_class: str, cfg: RunConfig) -> str:
-    """``cfg.validation_split`` resolved for this pool: "good" or "all"."""
+def validation_classes(counts: dict[str, int], good_class: str, cfg: RunConfig) -> str:
+    """``cfg.validation_split`` resolved for a labelled pool with these images per class: "good" or "all"."""
     if cfg.validation_split != "auto":
         return cfg.validation_split
-    counts = pool.counts()
     defect_counts = [n for name, n in counts.items() if name != good_class]
     return "good" if defect_counts and min(defect_counts) < SCARCE_DEFECT_IMAGES else "all"
 
@@ -178,7 +177,9 @@ def run_training(cfg: RunConfig, progress: Progress | None = None, dataset: Imag
     threshold = fit_threshold(val_scores[result.val_labels == gi], cfg.target_frr)
     metrics = evaluate.classification_metrics(result.val_labels, result.val_probs, result.classes, good,
                                               threshold=threshold, target_frr=cfg.target_frr)
-    metrics["validation_split"] = validation_classes(train_set.subset(train_set.samples + val_set.samples), good, cfg)
+    counts = {"train": train_set.counts(), "val": val_set.counts()}
+    pool_counts = {c: counts["train"][c] + counts["val"][c] for c in counts["train"]}
+    metrics["validation_split"] = validation_classes(pool_counts, good, cfg)
     if not metrics.get("n_defect"):  # good parts only: an average over one class is not a balanced accuracy
         metrics["balanced_accuracy"] = metrics["macro_f1"] = None
 
@@ -199,7 +200,6 @@ def run_training(cfg: RunConfig, progress: Progress | None = None, dataset: Imag
 
     timings = {**{k: round(v, 2) for k, v in result.timings.items()}, "export_parity_drift_s": round(export_s, 2),
                "total_s": round(time.perf_counter() - t_start, 2)}
-    counts = {"train": train_set.counts(), "val": val_set.counts()}
     if remainder is not None:
         counts["held_out"] = remainder.counts()
     full = {"validation": metrics, "parity": parity, "timings": timings, "counts": counts,

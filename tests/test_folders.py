@@ -248,7 +248,7 @@ def test_validation_split_auto_validates_every_class_when_defects_are_plentiful(
 
     ds = make_dataset(tmp_path / "data", {"good": 80, "crack": 40, "dent": 44})
     cfg = RunConfig(data_dir=ds.root, out_dir=tmp_path / "run")
-    assert validation_classes(ds, "good", cfg) == "all"
+    assert validation_classes(ds.counts(), "good", cfg) == "all"
     _, val, _ = split_dataset(ds, cfg, "good")
     assert val.counts() == {"crack": 10, "dent": 11, "good": 20}
     few = RunConfig(data_dir=ds.root, out_dir=tmp_path / "run", shots=20)  # 20 labelled per class: scarce

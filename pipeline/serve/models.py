@@ -202,10 +202,17 @@ def smoke_test(model: OnnxModel) -> None:
 CPU_INFER_BATCH = 4
 
 
+def infer_chunk(on_cpu: bool, infer_batch: int, max_batch: int, streams: int = 1) -> int:
+    """Images per ONNX Runtime call: ``infer_batch`` when set; else on CPU the in-flight budget
+    (CPU_INFER_BATCH) shared between the streams; on a GPU provider the whole micro-batch."""
+    if infer_batch:
+        return infer_batch
+    return min(max(1, CPU_INFER_BATCH // max(1, streams)), max_batch) if on_cpu else max_batch
+
+
 def tune_batch(model: OnnxModel, infer_batch: int, max_batch: int, streams: int = 1) -> None:
     """Set how many images one ONNX Runtime call gets (``OnnxModel.run`` chunks by ``options.max_batch``)."""
-    cpu_chunk = max(1, CPU_INFER_BATCH // max(1, streams))
-    chunk = infer_batch or (min(cpu_chunk, max_batch) if model.provider == "CPUExecutionProvider" else max_batch)
+    chunk = infer_chunk(model.provider == "CPUExecutionProvider", infer_batch, max_batch, streams)
     model.options = model.options.model_copy(update={"max_batch": chunk})
 
 
