@@ -8,7 +8,6 @@ is the median over all timed calls, throughput = batch / median latency.
 
 from __future__ import annotations
 
-import inspect
 import os
 import platform
 import statistics
@@ -367,7 +366,7 @@ def preprocessing_cost(spec, real_files: list[Path], repeats: int = 3) -> dict[s
         scaled = spec.model_copy(update={"jpeg_scaled_decode": True})
         runs += [(f"{name}, jpeg_scaled_decode", blobs, scaled, False) for name, blobs in sets.items()
                  if "camera" in name]
-    if real_files and "keep_grey" in inspect.signature(decode_bytes).parameters:
+    if real_files:
         runs += [(f"{name}, daemon (grey kept one channel)", blobs, spec, True) for name, blobs in sets.items()
                  if "magnetic" in name]
     prev = cv2.getNumThreads()
