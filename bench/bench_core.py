@@ -1,6 +1,7 @@
 """Core loop on real data: few-shot magnetic-tile accuracy, training wall time, ORT vs torch latency.
 
     python bench/bench_core.py [--data ../shared/datasets/magnetic-tile/images] [--shots 20] [--seeds 0]
+                               [--masks DIR | --no-masks]
 
 Trains with ``shots`` labelled images per class (train + validation both come from those), evaluates the
 exported ONNX model through the runtime on every other image, and times batch-1 inference of the same
@@ -66,7 +67,15 @@ def main() -> None:
     ap.add_argument("--val-fraction", type=float, default=0.25,
                     help="share of the labelled shots held back for validation and the threshold")
     ap.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency measurement")
+    ap.add_argument("--masks", type=Path, default=None,
+                    help="defect pixel masks mirroring --data (default: the dataset's masks/ beside images/, if any)")
+    ap.add_argument("--no-masks", action="store_true", help="train without pixel masks")
     args = ap.parse_args()
+    masks = None if args.no_masks else (args.masks or args.data.parent / "masks")
+    if masks is not None and not masks.is_dir():
+        if args.masks:
+            ap.error(f"--masks {masks}: no such folder")
+        masks = None
 
     import torch
 
@@ -80,7 +89,7 @@ def main() -> None:
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = RunConfig(data_dir=args.data, out_dir=Path(tmp) / "run", shots=args.shots, good_class="free",
-                            val_fraction=args.val_fraction,
+                            val_fraction=args.val_fraction, masks_dir=masks,
                             train=TrainConfig(seed=seed, **args.config))
             t = time.perf_counter()
             s = run_training(cfg)
@@ -94,13 +103,13 @@ def main() -> None:
                          "defect_recall_at_frr": m["defect_recall_at_frr"], "false_reject_rate": m["false_reject_rate"],
                          "oracle_recall_at_2pct": m.get("defect_recall_at_target_frr_oracle"),
                          "auroc": m.get("auroc"), "n_images": m["n_images"], "train_wall_s": wall,
-                         "timings": s.timings, "per_class": {k: v["recall"] for k, v in m["per_class"].items()}})
+                         "timings": s.timings, "per_class": {k: v["recall"] for k, v in m["per_class"].items()},
+                         "head": s.metadata.head})
             print(json.dumps(rows[-1]), flush=True)
             if lat is None and not args.no_latency:
-                from pipeline.backbones import build_backbone
-                from pipeline.train import DefectClassifier, load_checkpoint
+                from pipeline.train import classifier_for, load_checkpoint
 
-                clf = DefectClassifier(build_backbone(s.metadata.backbone), len(s.metadata.classes))
+                clf = classifier_for(s.metadata)
                 clf.load_state_dict(load_checkpoint(Path(tmp) / "run" / "checkpoint.npz"))
                 eager = ExportModule(clf).eval()
                 spec = s.metadata.preprocess
@@ -122,7 +131,9 @@ def main() -> None:
         f"{args.shots} labelled images per class, split as `defect train --shots {args.shots}` splits them (default "
         f"`validation_split` auto: where defect images are scarce a quarter of the good parts validate the threshold "
         f"and every defect image trains), "
-        "evaluated through ONNX Runtime on all other images (held out).", "",
+        "evaluated through ONNX Runtime on all other images (held out). "
+        f"Classifier head: {rows[0]['head']}; pixel masks of the labelled defect images: "
+        f"{'yes (' + str(masks) + ')' if masks else 'none'}.", "",
         "| seed | balanced accuracy | defect recall at model threshold | false-reject rate | oracle recall at 2 % FRR | AUROC | held-out images | training wall time |",
         "|---|---|---|---|---|---|---|---|",
     ]

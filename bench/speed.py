@@ -184,13 +184,12 @@ def torch_runner(run_dir: Path, threads: int) -> Callable[[np.ndarray], Any]:
     """Torch eager inference of the run's checkpoint (what training runs), ``threads`` intra-op threads."""
     import torch
 
-    from pipeline.backbones import build_backbone
     from pipeline.metadata import load_metadata
-    from pipeline.train import CHECKPOINT_FILE, DefectClassifier, ExportModule, load_checkpoint
+    from pipeline.train import CHECKPOINT_FILE, ExportModule, classifier_for, load_checkpoint
 
     torch.set_num_threads(threads)
     meta = load_metadata(run_dir / "model.onnx")
-    clf = DefectClassifier(build_backbone(meta.backbone), len(meta.classes))
+    clf = classifier_for(meta)
     clf.load_state_dict(load_checkpoint(run_dir / CHECKPOINT_FILE))
     module = ExportModule(clf).eval()
 

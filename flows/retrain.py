@@ -63,15 +63,18 @@ def snapshot_data(data_dir: str, gate_fraction: float, seed: int, classes: list[
 @task(name="fine-tune-and-export")
 def train_challenger(data_dir: str, pool: ImageFolder, out_dir: str, good_class: str, shots: int | None,
                      target_frr: float, train_cfg: dict[str, Any], init_checkpoint: str | None,
-                     adapt: dict[str, Any] | None = None, gate_files: list[str] | None = None) -> dict:
+                     adapt: dict[str, Any] | None = None, gate_files: list[str] | None = None,
+                     masks_dir: str | None = None) -> dict:
     """Fine-tune, choose the threshold, export to ONNX and prove parity (no retries: deterministic).
 
     ``adapt`` (with ``init_checkpoint``): the supervised re-adaptation recipe
     (``pipeline.supervised_adapt``: replay of the champion's data, current-domain drift reference);
     ``gate_files`` are never trained on and join the pool as current-domain images for the reference.
+    ``masks_dir``: defect pixel masks mirroring ``data_dir`` (``RunConfig.masks_dir``).
     """
     cfg = RunConfig(data_dir=Path(data_dir), out_dir=Path(out_dir), good_class=good_class, shots=shots,
-                    target_frr=target_frr, train=TrainConfig(**train_cfg))
+                    target_frr=target_frr, masks_dir=Path(masks_dir) if masks_dir else None,
+                    train=TrainConfig(**train_cfg))
     if adapt is not None and init_checkpoint:
         from pipeline.supervised_adapt import SupervisedAdaptConfig, adapt_supervised
 
@@ -121,12 +124,13 @@ def retrain(line: str, data_dir: str, registry: str = "models", shots: int | Non
             good_class: str | None = None, gate_fraction: float = 0.3, target_frr: float = 0.02, seed: int = 0,
             warm_start: bool = False, train_config: dict[str, Any] | None = None,
             gate: dict[str, Any] | None = None, lock_timeout_s: float | None = 3600,
-            supervised_adapt: dict[str, Any] | None = None) -> dict:
+            supervised_adapt: dict[str, Any] | None = None, masks_dir: str | None = None) -> dict:
     """Retrain ``line`` on the labelled folder ``data_dir`` and promote the result if the gate allows.
 
     ``supervised_adapt`` (with ``warm_start``): re-adapt the champion with the recipe of
     ``pipeline.supervised_adapt.SupervisedAdaptConfig`` (``{}`` for its defaults: replay the champion's
-    labelled data with the new images); None fine-tunes on ``data_dir`` alone.
+    labelled data with the new images); None fine-tunes on ``data_dir`` alone. ``masks_dir``: pixel masks
+    of the defect images, mirroring ``data_dir`` (optional; see ``pipeline.data.masks``).
     """
     logger = get_run_logger()
     reg = Registry(Path(registry))
@@ -144,7 +148,7 @@ def retrain(line: str, data_dir: str, registry: str = "models", shots: int | Non
             cfg = {"seed": seed, **(train_config or {})}
             trained = train_challenger(data_dir, pool, str(scratch), good, shots, target_frr, cfg, init,
                                        adapt=supervised_adapt,
-                                       gate_files=[str(s.path) for s in gate_set.samples])
+                                       gate_files=[str(s.path) for s in gate_set.samples], masks_dir=masks_dir)
             challenger_metrics = evaluate_on(trained["onnx"], gate_set, gate_hash)
             (scratch / "gate_metrics.json").write_text(json.dumps(challenger_metrics, indent=2))
             version = register(registry, line, str(scratch), reason or "retrain")

@@ -187,13 +187,12 @@ def adapt_label_free(model_dir: Path, images_dir: Path, out_dir: Path, cfg: Labe
     """
     import torch
 
-    from pipeline.backbones import build_backbone
     from pipeline.data.augment import AugmentConfig
     from pipeline.drift import fit_reference, image_statistics_batch, load_reference
     from pipeline.export import finalize_artefact, export_onnx, parity_check
     from pipeline.preprocess import resize_image
     from pipeline.runtime import OnnxModel
-    from pipeline.train import (CHECKPOINT_FILE, bn_input_stats, DefectClassifier, adapt_batchnorm, embed, load_bn_source,
+    from pipeline.train import (CHECKPOINT_FILE, bn_input_stats, adapt_batchnorm, classifier_for, embed, load_bn_source,
                                 load_checkpoint, save_checkpoint)
 
     cfg = cfg or LabelFreeConfig()
@@ -210,7 +209,7 @@ def adapt_label_free(model_dir: Path, images_dir: Path, out_dir: Path, cfg: Labe
                          f"at least {cfg.min_images}")
     spec = meta.preprocess
     x = torch.from_numpy(np.stack([resize_image(im, spec) for im in images]))
-    clf = DefectClassifier(build_backbone(meta.backbone), len(meta.classes))
+    clf = classifier_for(meta)
     clf.load_state_dict(load_checkpoint(ckpt))
     clf.eval()
     device = torch.device("cpu")

@@ -12,7 +12,7 @@ import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -38,6 +38,9 @@ class ModelMetadata(BaseModel):
     frr_at_threshold: float | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     backbone: str
+    # how the classifier reads the backbone's features: "pooled" (mean features) or "cells" (per-cell
+    # head, the most defective cell decides); the ONNX graph holds it, training tools rebuild it from this
+    head: Literal["pooled", "cells"] = "pooled"
     embedding_dim: int
     train_manifest_sha256: str
     drift_reference: str | None = None

@@ -45,6 +45,9 @@ class RunConfig(BaseModel):
     # fewer than SCARCE_DEFECT_IMAGES images to learn from, else "all".
     validation_split: Literal["auto", "all", "good"] = "auto"
     target_frr: float = Field(0.02, ge=0, lt=1)
+    # pixel masks of the defect images, mirroring data_dir (``<class>/<stem>.png``): the per-cell head then
+    # learns which cells show the defect and which good surface (see pipeline.data.masks)
+    masks_dir: Path | None = None
     train: TrainConfig = Field(default_factory=TrainConfig)
 
 
@@ -111,7 +114,7 @@ def export_and_check(result: TrainResult, out_dir: Path, threshold: float, targe
         threshold=threshold, target_frr=target_frr, frr_at_threshold=metrics.get("false_reject_rate"),
         metrics={k: metrics[k] for k in ("balanced_accuracy", "defect_recall_at_frr", "false_reject_rate", "auroc",
                                          "n_images") if k in metrics},
-        backbone=result.config.backbone, embedding_dim=int(result.val_embeddings.shape[1]),
+        backbone=result.config.backbone, head=result.model.head_mode, embedding_dim=int(result.val_embeddings.shape[1]),
         train_manifest_sha256=manifest_hash, drift_reference=DRIFT_REFERENCE_FILE, opset=17,
         extra={"train_config": result.config.model_dump(mode="json"), "best_epoch": result.best_epoch},
     )
@@ -170,7 +173,8 @@ def run_training(cfg: RunConfig, progress: Progress | None = None, dataset: Imag
     write_json_atomic(out / "manifest.json", json.dumps(manifest, indent=1))
 
     init = load_checkpoint(init_checkpoint) if init_checkpoint else None
-    result = train(train_set, val_set, good, cfg.train, progress=progress, init_state=init)
+    result = train(train_set, val_set, good, cfg.train, progress=progress, init_state=init,
+                   masks_dir=cfg.masks_dir)
     save_checkpoint(result.model, out / CHECKPOINT_FILE, bn_source=result.bn_source)
     gi = result.classes.index(good)
     val_scores = 1.0 - result.val_probs[:, gi]
@@ -204,7 +208,9 @@ def run_training(cfg: RunConfig, progress: Progress | None = None, dataset: Imag
         counts["held_out"] = remainder.counts()
     full = {"validation": metrics, "parity": parity, "timings": timings, "counts": counts,
             "history": result.history, "best_epoch": result.best_epoch, "skipped": result.skipped,
-            "backbone": result.config.backbone, "device": result.device, "drift_reference_error": drift_error}
+            "backbone": result.config.backbone, "head": result.model.head_mode, "device": result.device,
+            "drift_reference_error": drift_error,
+            "masks_dir": str(cfg.masks_dir) if cfg.masks_dir else None, "masked_defect_images": result.masked_images}
     write_json_atomic(out / "metrics.json", json.dumps(full, indent=2))
 
     pngs = [evaluate.plot_confusion_matrix(metrics, out / "confusion_matrix.png"),
@@ -213,7 +219,8 @@ def run_training(cfg: RunConfig, progress: Progress | None = None, dataset: Imag
     evaluate.write_report(out, f"Training run: {out.name}", metrics, [Path(p) for p in pngs if p], extra={
         "backbone": result.config.backbone, "input": f"{result.spec.height}x{result.spec.width} {result.spec.resize}",
         "train images": sum(counts["train"].values()), "validation images": sum(counts["val"].values()),
-        "best epoch": result.best_epoch, "device": result.device,
+        "best epoch": result.best_epoch, "device": result.device, "head": result.model.head_mode,
+        "defect images with a mask": result.masked_images if cfg.masks_dir else "no masks given",
         "parity max |dp|": f"{parity['max_abs_prob_diff']:.2e} on {parity['n_images']} images",
         **{f"time {k}": f"{v:.1f} s" for k, v in timings.items()},
         "skipped files": len(result.skipped),

@@ -28,6 +28,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from pipeline.data.folders import ImageFolder, Sample
+from pipeline.metadata import load_metadata
 from pipeline.run import DRIFT_REFERENCE_FILE, RunConfig, RunSummary
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,9 @@ def adapt_supervised(champion_dir: str | os.PathLike, new: ImageFolder, run_cfg:
     if not ckpt.is_file():
         raise FileNotFoundError(f"{champion_dir} has no {CHECKPOINT_FILE}: supervised adaptation warm-starts from it")
     exclude = list(exclude)
+    head = load_metadata(champion_dir / "model.onnx").head  # the warm start keeps the champion's classifier
+    if run_cfg.train.head != head:
+        run_cfg = run_cfg.model_copy(update={"train": run_cfg.train.model_copy(update={"head": head})})
     data, replay = training_set(new, champion_dir, cfg, exclude)
     summary = run_training(run_cfg, dataset=data, init_checkpoint=ckpt)
     info: dict = {"recipe": cfg.model_dump(mode="json"), "adapted_from": str(champion_dir),

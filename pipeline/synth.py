@@ -450,11 +450,13 @@ def image_rng(seed: int, kind: str, index: int) -> np.random.Generator:
 
 
 def generate_dataset(out_dir: Path, n: int = 40, exposure: float = 1.0, seed: int = 0, size: int = 160,
-                     good_multiplier: int = 3, classes: Sequence[str] = KINDS) -> dict[str, int]:
+                     good_multiplier: int = 3, classes: Sequence[str] = KINDS,
+                     masks_dir: Path | None = None) -> dict[str, int]:
     """Write ``out_dir/<class>/<class>_<seed>_<i>.png``: ``n`` per defect class, ``n*good_multiplier`` good.
 
     Imbalanced like a real line. Deterministic for a seed; use different seeds for train and test.
-    Returns the number of images written per class.
+    ``masks_dir``: also write each defect image's pixel mask (255 = defect) to the same relative path
+    there, the layout ``defect train --masks`` reads. Returns the number of images written per class.
     """
     for name, value in (("n", n), ("seed", seed), ("good_multiplier", good_multiplier)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
@@ -479,7 +481,10 @@ def generate_dataset(out_dir: Path, n: int = 40, exposure: float = 1.0, seed: in
     for kind in classes:
         count = n * good_multiplier if kind == GOOD else n
         for i in range(count):
-            image = render_image(kind, image_rng(seed, kind, i), size, exposure)
-            save_png(out_dir / kind / f"{kind}_{seed}_{i}.png", image)
+            sample = render_sample(kind, image_rng(seed, kind, i), size, exposure)
+            save_png(out_dir / kind / f"{kind}_{seed}_{i}.png", sample.image)
+            if masks_dir is not None and kind != GOOD:
+                mask = np.where(sample.defect_mask > 0.1, 255, 0).astype(np.uint8)
+                save_png(Path(masks_dir) / kind / f"{kind}_{seed}_{i}.png", cv2.cvtColor(mask, cv2.COLOR_GRAY2RGB))
         counts[kind] = count
     return counts

@@ -351,13 +351,14 @@ def test_adapt_passes_options_and_prints_the_verdict(data_root: Path, tmp_path: 
     cfg = _write_config(tmp_path / "c.yaml", {"head_steps": 5, "img_size": 64}, gate={"require_improvement": True})
     res = CliRunner().invoke(_adapt_cli(), [
         "--line", LINE, "--data", str(data_root / LINE), "--registry", str(tmp_path / "reg"), "--shots", "4",
-        "--seed", "7", "--warm-start", "--config", str(cfg), "--reason", "new batch", "--wait", "5"])
+        "--seed", "7", "--warm-start", "--config", str(cfg), "--reason", "new batch", "--wait", "5",
+        "--masks", str(tmp_path)])
     assert res.exit_code == 0, res.output
     (kw,) = calls
     assert kw["line"] == LINE and kw["shots"] == 4 and kw["seed"] == 7 and kw["warm_start"] is True
     assert kw["train_config"] == {"head_steps": 5, "img_size": 64} and kw["gate"] == {"require_improvement": True}
     assert kw["registry"] == str((tmp_path / "reg").absolute()) and kw["lock_timeout_s"] == 5.0
-    assert kw["reason"] == "new batch"
+    assert kw["reason"] == "new batch" and kw["masks_dir"] == str(tmp_path.absolute())
     assert "v0007 registered, not promoted (champion before: v0006)" in res.stdout
     assert "regresses beyond tolerance" in res.stdout and "bal.acc 0.800" in res.stdout
 

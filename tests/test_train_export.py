@@ -45,6 +45,7 @@ def test_run_folder_is_complete(trained):
     assert meta.good_class == "good" and len(meta.classes) == 5
     assert meta.onnx_sha256 == sha256_file(run / "model.onnx")
     assert meta.preprocess.height == 64 and 0.0 <= meta.threshold <= 1.0
+    assert meta.head == "pooled"  # no pixel masks: the pooled head (auto)
     assert read_embedded_metadata(run / "model.onnx")["train_manifest_sha256"] == meta.train_manifest_sha256
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["parity"]["top1_agreement"] == 1.0 and metrics["parity"]["max_abs_prob_diff"] <= 1e-4
@@ -85,12 +86,11 @@ def test_predict_lines_and_bad_file(trained, tmp_path):
 
 def test_parity_check_catches_a_model_that_differs(trained):
     """Parity must fail loudly when torch and the served file disagree (here: perturbed torch weights)."""
-    from pipeline.backbones import build_backbone
-    from pipeline.train import DefectClassifier
+    from pipeline.train import classifier_for
 
     run, test, _ = trained
     meta = load_metadata(run / "model.onnx")
-    clf = DefectClassifier(build_backbone(meta.backbone), len(meta.classes)).eval()
+    clf = classifier_for(meta).eval()
     images = load_check_images(sorted((test / "good").iterdir()), limit=4)
     with pytest.raises(ParityError):
         parity_check(clf, run / "model.onnx", images)

@@ -114,6 +114,14 @@ class TimmBackbone(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
 
+    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The unpooled (N, C, h, w) map, for the per-cell head; CNNs only (a transformer's tokens are not one)."""
+        fmap = self.model.forward_features(x)
+        if fmap.ndim != 4 or fmap.shape[1] != self.num_features:
+            raise ValueError(f"this timm model gives {tuple(fmap.shape)} features, not an (N, {self.num_features}, "
+                             "h, w) map: use head 'pooled'")
+        return fmap
+
 
 def build_backbone(name: str = "efficientnet_lite0", weights: str | os.PathLike | None = None) -> nn.Module:
     """A pretrained feature extractor with ``forward_features(x) -> (N, num_features)``."""

@@ -107,13 +107,16 @@ class EfficientNetLite(nn.Module):
         self._fc = nn.Linear(head, num_classes)
         self.num_features = head
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled embedding, shape (N, num_features)."""
+    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Last feature map before pooling, shape (N, num_features, H/32, W/32)."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
         for block in self._blocks:
             x = block(x)
-        x = F.relu6(self._bn1(self._conv_head(x)))
-        return x.mean(dim=(2, 3))
+        return F.relu6(self._bn1(self._conv_head(x)))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled embedding, shape (N, num_features)."""
+        return self.forward_map(x).mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fc(self.forward_features(x))

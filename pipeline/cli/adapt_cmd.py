@@ -122,10 +122,12 @@ def _api_url() -> str | None:
               show_default=True, help="Share of --data held out to compare challenger and champion.")
 @click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=3600.0, show_default=True,
               help="Seconds to wait for the line lock if another retrain or promotion holds it.")
+@click.option("--masks", "masks_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Pixel masks of the defect images, mirroring --data (<class>/<image stem>.png).")
 @click.option("--json", "as_json", is_flag=True, help="Print the flow's result as one JSON object.")
 def adapt(line: str, data_dir: Path, registry_dir: Path, shots: int | None, reason: str, seed: int,
           warm_start: bool, config_file: Path | None, good_class: str | None, target_frr: float,
-          gate_fraction: float, wait_s: float, as_json: bool) -> None:
+          gate_fraction: float, wait_s: float, masks_dir: Path | None, as_json: bool) -> None:
     """Retrain LINE on --data now; promote the new version only if the gate says it is no worse.
 
     Runs the Prefect flow `retrain` in this process (reported to PREFECT_API_URL when set).
@@ -148,7 +150,8 @@ def adapt(line: str, data_dir: Path, registry_dir: Path, shots: int | None, reas
         result = retrain(line=line, data_dir=str(data_dir.absolute()), registry=str(registry_dir.absolute()),
                          shots=shots, reason=reason, good_class=good_class, gate_fraction=gate_fraction,
                          target_frr=target_frr, seed=seed, warm_start=warm_start,
-                         train_config=train_config or None, gate=gate, lock_timeout_s=wait_s)
+                         train_config=train_config or None, gate=gate, lock_timeout_s=wait_s,
+                         masks_dir=str(masks_dir.absolute()) if masks_dir else None)
     except LineBusyError as e:
         _fail(f"{e}; retry later or pass a longer --wait", EXIT_BUSY)
     except (FileNotFoundError, NotADirectoryError, InvalidNameError) as e:

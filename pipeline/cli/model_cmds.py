@@ -40,11 +40,17 @@ def _fail(msg: str) -> None:
 @click.option("--validation-split", type=click.Choice(["auto", "all", "good"]), default="auto", show_default=True,
               help="Classes the validation split (threshold, report) takes images from: good = only good parts, "
                    "every defect image trains; auto = good when a defect class has fewer than 40 images.")
+@click.option("--masks", "masks_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Pixel masks of the defect images, mirroring DATA_DIR (MASKS/<class>/<image stem>.png, non-zero "
+                   "= defect): the per-cell head then learns which cells show the defect.")
+@click.option("--head", type=click.Choice(["auto", "cells", "pooled"]), default=None,
+              help="cells: every 32x32 cell is classified and the most defective decides; pooled: one prediction "
+                   "from the image's mean features; auto (default): cells with --masks, else pooled.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="YAML/JSON file with TrainConfig fields (command-line options win).")
 def train(data_dir: Path, out_dir: Path, shots: int | None, seed: int, good_class: str | None, img_size: int | None,
           resize: str, backbone: str, weights: str | None, epochs: int | None, target_frr: float,
-          validation_split: str, config_file: Path | None) -> None:
+          validation_split: str, masks_dir: Path | None, head: str | None, config_file: Path | None) -> None:
     """Fine-tune a pretrained backbone on DATA_DIR (one folder per class) and export a checked ONNX model."""
     import yaml
 
@@ -53,13 +59,14 @@ def train(data_dir: Path, out_dir: Path, shots: int | None, seed: int, good_clas
     from pipeline.train import TrainConfig
 
     base = yaml.safe_load(config_file.read_text()) if config_file else {}
-    overrides = {"seed": seed, "backbone": backbone, "resize": resize, "img_size": img_size, "weights": weights}
+    overrides = {"seed": seed, "backbone": backbone, "resize": resize, "img_size": img_size, "weights": weights,
+                 "head": head}
     if epochs is not None:
         overrides["finetune_epochs"] = epochs
     try:
         tcfg = TrainConfig(**{**(base or {}), **{k: v for k, v in overrides.items() if v is not None}})
         cfg = RunConfig(data_dir=data_dir, out_dir=out_dir, good_class=good_class, shots=shots,
-                        target_frr=target_frr, validation_split=validation_split, train=tcfg)
+                        target_frr=target_frr, validation_split=validation_split, masks_dir=masks_dir, train=tcfg)
         with progress_bar() as update:
             summary = run_training(cfg, progress=update)
     except (MissingWeightsError, ValueError, FileNotFoundError) as exc:

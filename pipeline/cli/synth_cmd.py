@@ -21,10 +21,16 @@ from pipeline import synth as synth_mod
               show_default=True, help="Approximate image side in pixels.")
 @click.option("--good-multiplier", type=click.IntRange(min=1), default=3, show_default=True,
               help="Good images per defect image, as on a real, imbalanced line.")
-def synth(out_dir: Path, n: int, exposure: float, seed: int, size: int, good_multiplier: int) -> None:
+@click.option("--masks", "masks_dir", type=click.Path(file_okay=False, dir_okay=True, writable=True, path_type=Path),
+              help="Also write the defect images' pixel masks here (MASKS/<class>/<same name>), for train --masks.")
+def synth(out_dir: Path, n: int, exposure: float, seed: int, size: int, good_multiplier: int,
+          masks_dir: Path | None) -> None:
     """Write a synthetic image-folder dataset OUT_DIR/<class>/*.png and print counts per class."""
+    if masks_dir is not None and masks_dir.resolve().is_relative_to(out_dir.resolve()):
+        raise click.BadParameter("must be outside OUT_DIR (a folder inside it would be read as a class)",
+                                 param_hint="--masks")
     counts = synth_mod.generate_dataset(out_dir, n=n, exposure=exposure, seed=seed, size=size,
-                                        good_multiplier=good_multiplier)
+                                        good_multiplier=good_multiplier, masks_dir=masks_dir)
     width = max(len(k) for k in counts)
     for kind, count in counts.items():
         click.echo(f"{kind:<{width}}  {count}")

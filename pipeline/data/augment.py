@@ -72,13 +72,21 @@ def to_float_nchw(batch_u8: torch.Tensor) -> torch.Tensor:
     return batch_u8.permute(0, 3, 1, 2).float()
 
 
-def augment(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
-    """Random label-preserving transforms on NCHW float 0..255, batched."""
+def augment(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator,
+            masks: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Random label-preserving transforms on NCHW float 0..255, batched.
+
+    ``masks`` (N, H, W) defect masks, if given, go through the same flips and warps as their images and
+    are returned beside them: ``(images, masks)``.
+    """
     n = x.shape[0]
 
     def u(lo: float, hi: float) -> torch.Tensor:
         return torch.rand(n, generator=gen) * (hi - lo) + lo
 
+    c = x.shape[1]
+    if masks is not None:
+        x = torch.cat([x, masks.unsqueeze(1).to(x.dtype)], dim=1)
     if cfg.hflip:
         m = torch.rand(n, generator=gen) < 0.5
         x = torch.where(m.view(-1, 1, 1, 1), x.flip(3), x)
@@ -93,6 +101,8 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.
         theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if masks is not None:
+        x, masks = x[:, :c], x[:, c]
     if cfg.gamma:
         g = torch.exp(u(-math.log1p(cfg.gamma), math.log1p(cfg.gamma))).view(-1, 1, 1, 1)
         x = 255.0 * (x.clamp(0, 255) / 255.0) ** g
@@ -115,4 +125,5 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.
             x = torch.where(m.view(-1, 1, 1, 1), blurred, x)
     if cfg.noise_std:
         x = x + torch.randn(x.shape, generator=gen) * (torch.rand(n, generator=gen) * cfg.noise_std).view(-1, 1, 1, 1)
-    return x.clamp(0, 255)
+    x = x.clamp(0, 255)
+    return x if masks is None else (x, masks)
