@@ -61,6 +61,7 @@ class RunSummary:
     timings: dict[str, float]
     counts: dict[str, dict[str, int]]
     skipped: list[dict]
+    masked_images: int = 0  # defect training images that had a pixel mask
 
 
 def split_dataset(ds: ImageFolder, cfg: RunConfig, good_class: str
@@ -225,4 +226,4 @@ def run_training(cfg: RunConfig, progress: Progress | None = None, dataset: Imag
         **{f"time {k}": f"{v:.1f} s" for k, v in timings.items()},
         "skipped files": len(result.skipped),
     })
-    return RunSummary(out, onnx_path, meta, metrics, parity, timings, counts, result.skipped)
+    return RunSummary(out, onnx_path, meta, metrics, parity, timings, counts, result.skipped, result.masked_images)

@@ -73,6 +73,11 @@ def test_cell_targets_label_defect_cells_ignore_their_ring_and_unmasked_defects(
     assert (t[0, 2:, :] == 1).all() and (t[0, :, 2:] == 1).all()
     assert (t[1] == 1).all()  # a good image: every cell good
     assert (t[2] == IGNORE).all()  # no mask: no per-cell claim
+    # a defect too small to reach a quarter of any cell after resizing still marks its strongest cell
+    faint = torch.zeros(1, 64, 64)
+    faint[0, 40, 40] = 0.1
+    t = cell_targets(faint, torch.tensor([True]), torch.tensor([0]), good=1, grid=(4, 4))
+    assert t[0, 2, 2] == 0 and (t == 0).sum() == 1
 
 
 def test_augment_moves_masks_with_their_images():
@@ -122,6 +127,7 @@ FAST = {"img_size": 64, "feature_views": 2, "head_steps": 40, "finetune_epochs":
 def test_train_with_masks_and_the_cell_head_exports_a_checked_model(tmp_path):
     from pipeline.cli import main
     from pipeline.metadata import load_metadata
+    from pipeline.train import classifier_for, load_checkpoint
 
     data, masks = tmp_path / "data", tmp_path / "masks"
     generate_dataset(data, n=4, size=64, seed=0, masks_dir=masks, good_multiplier=2)
@@ -130,11 +136,15 @@ def test_train_with_masks_and_the_cell_head_exports_a_checked_model(tmp_path):
     res = CliRunner().invoke(main, ["train", str(data), "--out", str(tmp_path / "run"), "--config", str(cfg),
                                     "--masks", str(masks)], catch_exceptions=False)
     assert res.exit_code == 0, res.output
+    assert "head       cells (16 defect training images with a mask)" in res.output
     meta = load_metadata(tmp_path / "run" / "model.onnx")
     assert meta.head == "cells" and meta.extra["train_config"]["head"] == "auto"  # auto: masks -> cells
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["parity"]["top1_agreement"] == 1.0 and metrics["parity"]["max_abs_prob_diff"] <= 1e-4
     assert metrics["masks_dir"] == str(masks) and metrics["head"] == "cells"
+    # the checkpoint rebuilds from the metadata alone (what re-adaptation does)
+    clf = classifier_for(meta)
+    clf.load_state_dict(load_checkpoint(tmp_path / "run" / "checkpoint.npz"))
     assert metrics["masked_defect_images"] == 4 * 4  # every defect image of the synthetic set has its mask
 
     # a mask folder that matches nothing is a mistake to report, not a silent no-op

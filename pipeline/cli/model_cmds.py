@@ -78,6 +78,8 @@ def train(data_dir: Path, out_dir: Path, shots: int | None, seed: int, good_clas
     click.echo(f"model      {summary.onnx_path}")
     click.echo(f"report     {summary.out_dir / 'report.html'}")
     click.echo(f"classes    {', '.join(summary.metadata.classes)} (good: {summary.metadata.good_class})")
+    click.echo(f"head       {summary.metadata.head}" + (f" ({summary.masked_images} defect training images with a mask)"
+                                                        if masks_dir else " (no pixel masks)"))
     if m.get("n_defect"):
         click.echo(f"validation balanced accuracy {m['balanced_accuracy']:.3f}, defect recall "
                    f"{m['defect_recall_at_frr']:.3f} at false-reject rate {m['false_reject_rate']:.3f} "
