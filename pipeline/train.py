@@ -112,6 +112,9 @@ class DefectClassifier(nn.Module):
         self.head = nn.Linear(backbone.num_features, num_classes)
         self.head_mode = head
         self.good_index = good_index
+        if head == "cells":  # a constant of the graph (not a traced scatter); not part of the checkpoint
+            self.register_buffer("good_onehot", F.one_hot(torch.tensor(good_index), num_classes).float(),
+                                 persistent=False)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_features(x)
@@ -130,8 +133,7 @@ class DefectClassifier(nn.Module):
         classes in proportion to each class's largest per-cell probability.
         """
         p = torch.softmax(cell_logits, dim=1).flatten(2)  # (N, K, cells)
-        good = torch.zeros(p.shape[1], dtype=p.dtype, device=p.device)
-        good[self.good_index] = 1.0
+        good = self.good_onehot.to(p.dtype)
         defect = (1 - p[:, self.good_index]).amax(dim=1, keepdim=True)  # (N, 1)
         share = p.amax(dim=2) * (1 - good)  # (N, K), zero for the good class
         share = share / share.sum(dim=1, keepdim=True).clamp(min=1e-12)

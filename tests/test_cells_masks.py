@@ -151,3 +151,23 @@ def test_train_with_masks_and_the_cell_head_exports_a_checked_model(tmp_path):
     res = CliRunner().invoke(main, ["train", str(data), "--out", str(tmp_path / "run2"), "--config", str(cfg),
                                     "--masks", str(tmp_path)])
     assert res.exit_code == 2 and "no mask with a defect" in res.output
+
+
+def test_int8_keeps_the_per_cell_head_in_float(tmp_path):
+    """The INT8 exporter's head exclusion finds the per-cell head (which reads the feature map, not the
+    pooled embedding) as it finds the pooled one."""
+    import onnx
+
+    from pipeline.export.quantize import head_node_names
+    from pipeline.export.torch_export import export_onnx
+
+    spec = PreprocessSpec(height=32, width=32)
+    ops = {}
+    for head in ("pooled", "cells"):
+        clf = DefectClassifier(_FlatBackbone(), 3, head=head, good_index=1).eval()
+        path = export_onnx(clf, spec, tmp_path / f"{head}.onnx")
+        by_name = {n.name: n.op_type for n in onnx.load(str(path)).graph.node}
+        ops[head] = [by_name[n] for n in head_node_names(path)]
+        assert "AveragePool" not in ops[head]  # the backbone stays quantisable
+    assert ops["pooled"] == ["ReduceMean", "Gemm", "Softmax"]
+    assert {"Conv", "Softmax", "ReduceMax", "ReduceMean"} <= set(ops["cells"])

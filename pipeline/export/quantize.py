@@ -15,8 +15,10 @@ ONNX Runtime fuses the QDQ graph into QLinearConv / QLinearAdd with graph optimi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -73,11 +75,15 @@ class ArrayCalibrationReader:
 
 
 def head_node_names(model_path: str | os.PathLike) -> list[str]:
-    """Nodes downstream of the ``embedding`` output (the classifier head), named so they can be excluded."""
+    """The classifier head's nodes, named so they can be excluded: everything downstream of the feature map
+    the ``embedding`` output pools (the pooling itself, and a pooled head's or a per-cell head's layers),
+    or of the ``embedding`` output where it is not such a pooling."""
     import onnx
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
-    reached = {OUTPUT_EMBEDDING}
+    producer = next((n for n in graph.node if OUTPUT_EMBEDDING in n.output), None)
+    pooled_from = producer is not None and producer.op_type in ("ReduceMean", "GlobalAveragePool")
+    reached = {producer.input[0] if pooled_from else OUTPUT_EMBEDDING}
     names: list[str] = []
     for node in graph.node:  # ONNX graphs are topologically sorted
         if reached.intersection(node.input):
@@ -137,12 +143,14 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, calibration: n
         _name_nodes(pre)
         exclude = (head_node_names(pre) if cfg.keep_head_fp32 else []) + list(cfg.exclude_nodes)
         out = Path(tmp) / "int8.onnx"
-        quantize_static(
-            str(pre), str(out), _Reader(calibration.astype(np.float32, copy=False), cfg.batch_size),
-            quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel, reduce_range=cfg.reduce_range,
-            activation_type=_quant_type(cfg.activation_type), weight_type=_quant_type(cfg.weight_type),
-            calibrate_method=methods[cfg.calibrate_method], nodes_to_exclude=exclude, extra_options=extra,
-        )
+        # ONNX Runtime's histogram calibrators print progress on stdout, where `--json` callers read one object
+        with contextlib.redirect_stdout(sys.stderr):
+            quantize_static(
+                str(pre), str(out), _Reader(calibration.astype(np.float32, copy=False), cfg.batch_size),
+                quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel, reduce_range=cfg.reduce_range,
+                activation_type=_quant_type(cfg.activation_type), weight_type=_quant_type(cfg.weight_type),
+                calibrate_method=methods[cfg.calibrate_method], nodes_to_exclude=exclude, extra_options=extra,
+            )
         _publish(out, dst)
     log.info("quantised %s -> %s (%s, head fp32: %s)", src, dst, cfg.calibrate_method, cfg.keep_head_fp32)
     return dst
