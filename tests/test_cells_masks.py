@@ -171,3 +171,21 @@ def test_int8_keeps_the_per_cell_head_in_float(tmp_path):
         assert "AveragePool" not in ops[head]  # the backbone stays quantisable
     assert ops["pooled"] == ["ReduceMean", "Gemm", "Softmax"]
     assert {"Conv", "Softmax", "ReduceMax", "ReduceMean"} <= set(ops["cells"])
+
+
+def test_synth_cli_writes_masks_beside_not_inside_the_dataset(tmp_path):
+    from pipeline.cli import main
+
+    res = CliRunner().invoke(main, ["synth", str(tmp_path / "data"), "--n", "2", "--size", "64",
+                                    "--masks", str(tmp_path / "masks")])
+    assert res.exit_code == 0, res.output
+    for kind in ("scratch", "spot", "crack", "edge_chip"):
+        images = sorted(p.name for p in (tmp_path / "data" / kind).iterdir())
+        assert sorted(p.name for p in (tmp_path / "masks" / kind).iterdir()) == images
+        for name in images:
+            mask = cv2.imread(str(tmp_path / "masks" / kind / name), cv2.IMREAD_GRAYSCALE)
+            image = cv2.imread(str(tmp_path / "data" / kind / name))
+            assert mask.shape == image.shape[:2] and set(np.unique(mask)) <= {0, 255} and mask.max() == 255
+    assert not (tmp_path / "masks" / "good").exists()
+    res = CliRunner().invoke(main, ["synth", str(tmp_path / "d2"), "--n", "1", "--masks", str(tmp_path / "d2" / "m")])
+    assert res.exit_code == 2 and "outside OUT_DIR" in res.output
