@@ -81,7 +81,7 @@ class TrainConfig(BaseModel):
     # when the run has pixel masks, else pooled. Measured on magnetic-tile, 20 shots (BENCHMARKS core):
     # with masks cells beat pooled on every seed; without masks cells lost 9 points.
     head: str = Field("auto", pattern="^(auto|pooled|cells)$")
-    cell_loss_weight: float = Field(1.0, ge=0)
+    cell_loss_weight: float = Field(1.0, ge=0)  # per-cell cross-entropy beside the image-level loss (cells head)
     threads: int | None = None
     device: str = Field("auto", pattern="^(auto|cpu|cuda)$")
 
