@@ -55,6 +55,21 @@ def dump_scores(path: Path, model, details, summary, cfg) -> None:
              threshold=summary.metadata.threshold, history=json.dumps(run_metrics["history"]))
 
 
+def split_threshold_goods(held_out, n: int, seed: int, tmp: Path):
+    """Take ``n`` good images out of the held-out set into a folder of symlinks for ``--threshold-images``."""
+    import random
+
+    goods = [s for s in held_out.samples if held_out.classes[s.label] == "free"]
+    random.Random(seed + 1).shuffle(goods)
+    picked = goods[:n]
+    folder = tmp / "threshold_goods"
+    folder.mkdir()
+    for s in picked:
+        (folder / s.path.name).symlink_to(s.path.resolve())
+    chosen = {s.path for s in picked}
+    return held_out.subset([s for s in held_out.samples if s.path not in chosen]), folder
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/datasets/magnetic-tile/images")
@@ -70,6 +85,9 @@ def main() -> None:
     ap.add_argument("--masks", type=Path, default=None,
                     help="defect pixel masks mirroring --data (default: the dataset's masks/ beside images/, if any)")
     ap.add_argument("--no-masks", action="store_true", help="train without pixel masks")
+    ap.add_argument("--threshold-goods", type=int, default=0,
+                    help="also give the run N good images from outside the shots for its threshold "
+                         "(`defect train --threshold-images`); they are then not evaluated")
     args = ap.parse_args()
     masks = None if args.no_masks else (args.masks or args.data.parent / "masks")
     if masks is not None and not masks.is_dir():
@@ -88,13 +106,16 @@ def main() -> None:
     rows, lat = [], None
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
+            _, held_out = sample_shots(scan_image_folder(args.data), args.shots, seed)
+            threshold_dir = None
+            if args.threshold_goods:
+                held_out, threshold_dir = split_threshold_goods(held_out, args.threshold_goods, seed, Path(tmp))
             cfg = RunConfig(data_dir=args.data, out_dir=Path(tmp) / "run", shots=args.shots, good_class="free",
-                            val_fraction=args.val_fraction, masks_dir=masks,
+                            val_fraction=args.val_fraction, masks_dir=masks, threshold_dir=threshold_dir,
                             train=TrainConfig(seed=seed, **args.config))
             t = time.perf_counter()
             s = run_training(cfg)
             wall = time.perf_counter() - t
-            _, held_out = sample_shots(scan_image_folder(args.data), args.shots, seed)
             model = OnnxModel(s.onnx_path)
             m, details = evaluate_model(model, held_out)
             if args.dump:
@@ -131,7 +152,9 @@ def main() -> None:
         f"{args.shots} labelled images per class, split as `defect train --shots {args.shots}` splits them (default "
         f"`validation_split` auto: where defect images are scarce a quarter of the good parts validate the threshold "
         f"and every defect image trains), "
-        "evaluated through ONNX Runtime on all other images (held out). "
+        "evaluated through ONNX Runtime on all other images (held out"
+        + (f", less {args.threshold_goods} good images given to the run for its threshold" if args.threshold_goods else "")
+        + "). "
         f"Classifier head: {rows[0]['head']}; pixel masks of the labelled defect images: "
         f"{'yes (' + str(masks) + ')' if masks else 'none'}.", "",
         "| seed | balanced accuracy | defect recall at model threshold | false-reject rate | oracle recall at 2 % FRR | AUROC | held-out images | training wall time |",

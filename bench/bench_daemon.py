@@ -315,7 +315,8 @@ def main() -> None:
     model = OnnxModel(args.model)
     md = model.metadata
     ratio = res["folder_ips"] / best
-    cpu_ratio = best_cpu / res["folder_cpu_ms"]  # CPU efficiency: 1.0 = no pipeline overhead
+    # CPU efficiency: 1.0 = no pipeline overhead (NaN where a tiny run's CPU time did not register a tick)
+    cpu_ratio = best_cpu / res["folder_cpu_ms"] if res["folder_cpu_ms"] > 0 else float("nan")
     host = f"{platform.machine()} {os.cpu_count()} CPU, {model.provider}, load {load}"
     header = ("| date (UTC) | model | input | images x rounds | daemon: streams x threads, batch / per call "
               "| bare model img/s by configuration | hot folder img/s steady (burst) | ratio vs fastest bare "

@@ -48,6 +48,9 @@ class RunConfig(BaseModel):
     # pixel masks of the defect images, mirroring data_dir (``<class>/<stem>.png``): the per-cell head then
     # learns which cells show the defect and which good surface (see pipeline.data.masks)
     masks_dir: Path | None = None
+    # more good-part images (not labelled otherwise, never trained on) whose scores set the operating threshold
+    # beside the validation split's good parts: a few-shot run has ~5 of those, too few for a 2 % quantile
+    threshold_dir: Path | None = None
     train: TrainConfig = Field(default_factory=TrainConfig)
 
 
@@ -99,6 +102,38 @@ def fit_threshold(val_good_scores: np.ndarray, target_frr: float) -> float:
     from pipeline.evaluate import choose_threshold
 
     return float(choose_threshold(val_good_scores, target_frr))
+
+
+def threshold_image_scores(result: TrainResult, folder: Path, used: list[ImageFolder]) -> np.ndarray:
+    """Defect scores of the good-part images under ``folder`` (recursively) for the threshold.
+
+    Images of the ``used`` sets are left out: training images score optimistically, validation images
+    are counted already. Unreadable ones are reported and skipped. ValueError when none is left: the
+    folder was meant to count.
+    """
+    import torch
+
+    from pipeline.data.augment import load_images
+    from pipeline.data.decode import IMAGE_EXTENSIONS
+    from pipeline.data.folders import Sample
+    from pipeline.train import embed
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"threshold image folder not found: {root}")
+    seen = {os.path.realpath(s.path) for ds in used for s in ds.samples}
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    keep = [p for p in files if os.path.realpath(p) not in seen]
+    if len(keep) < len(files):
+        log.warning("%d threshold images are the run's training or validation images and were left out",
+                    len(files) - len(keep))
+    x, _, skipped = load_images(ImageFolder(root, [result.good_class], [Sample(p, 0) for p in keep]), result.spec)
+    for s in skipped:
+        log.warning("skipped unreadable threshold image %s: %s", s["path"], s["error"])
+    if len(x) == 0:
+        raise ValueError(f"{root}: no readable good-part image that was not trained on, for the threshold")
+    _, probs = embed(result.model, x, result.spec, torch.device("cpu"))
+    return 1.0 - probs[:, result.classes.index(result.good_class)]
 
 
 def export_and_check(result: TrainResult, out_dir: Path, threshold: float, target_frr: float, metrics: dict,
@@ -179,12 +214,20 @@ def run_training(cfg: RunConfig, progress: Progress | None = None, dataset: Imag
     save_checkpoint(result.model, out / CHECKPOINT_FILE, bn_source=result.bn_source)
     gi = result.classes.index(good)
     val_scores = 1.0 - result.val_probs[:, gi]
-    threshold = fit_threshold(val_scores[result.val_labels == gi], cfg.target_frr)
+    good_scores = val_scores[result.val_labels == gi]
+    threshold_images = 0
+    if cfg.threshold_dir is not None:
+        extra_scores = threshold_image_scores(result, cfg.threshold_dir, [train_set, val_set])
+        threshold_images = len(extra_scores)
+        good_scores = np.concatenate([good_scores, extra_scores])
+    threshold = fit_threshold(good_scores, cfg.target_frr)
     metrics = evaluate.classification_metrics(result.val_labels, result.val_probs, result.classes, good,
                                               threshold=threshold, target_frr=cfg.target_frr)
     counts = {"train": train_set.counts(), "val": val_set.counts()}
     pool_counts = {c: counts["train"][c] + counts["val"][c] for c in counts["train"]}
     metrics["validation_split"] = validation_classes(pool_counts, good, cfg)
+    metrics["threshold_good_images"] = int(len(good_scores))  # validation good parts + --threshold-images
+    metrics["threshold_extra_images"] = threshold_images
     if not metrics.get("n_defect"):  # good parts only: an average over one class is not a balanced accuracy
         metrics["balanced_accuracy"] = metrics["macro_f1"] = None
 

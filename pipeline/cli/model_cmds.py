@@ -43,6 +43,9 @@ def _fail(msg: str) -> None:
 @click.option("--masks", "masks_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Pixel masks of the defect images, mirroring DATA_DIR (MASKS/<class>/<image stem>.png, non-zero "
                    "= defect): the per-cell head then learns which cells show the defect.")
+@click.option("--threshold-images", "threshold_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A folder of good-part images (never trained on) whose scores also set the operating "
+                   "threshold: a few-shot run validates on a handful of good parts, too few for a 2 % rate.")
 @click.option("--head", type=click.Choice(["auto", "cells", "pooled"]), default=None,
               help="cells: every 32x32 cell is classified and the most defective decides; pooled: one prediction "
                    "from the image's mean features; auto (default): cells with --masks, else pooled.")
@@ -50,7 +53,8 @@ def _fail(msg: str) -> None:
               help="YAML/JSON file with TrainConfig fields (command-line options win).")
 def train(data_dir: Path, out_dir: Path, shots: int | None, seed: int, good_class: str | None, img_size: int | None,
           resize: str, backbone: str, weights: str | None, epochs: int | None, target_frr: float,
-          validation_split: str, masks_dir: Path | None, head: str | None, config_file: Path | None) -> None:
+          validation_split: str, masks_dir: Path | None, threshold_dir: Path | None, head: str | None,
+          config_file: Path | None) -> None:
     """Fine-tune a pretrained backbone on DATA_DIR (one folder per class) and export a checked ONNX model."""
     import yaml
 
@@ -66,7 +70,8 @@ def train(data_dir: Path, out_dir: Path, shots: int | None, seed: int, good_clas
     try:
         tcfg = TrainConfig(**{**(base or {}), **{k: v for k, v in overrides.items() if v is not None}})
         cfg = RunConfig(data_dir=data_dir, out_dir=out_dir, good_class=good_class, shots=shots,
-                        target_frr=target_frr, validation_split=validation_split, masks_dir=masks_dir, train=tcfg)
+                        target_frr=target_frr, validation_split=validation_split, masks_dir=masks_dir,
+                        threshold_dir=threshold_dir, train=tcfg)
         with progress_bar() as update:
             summary = run_training(cfg, progress=update)
     except (MissingWeightsError, ValueError, FileNotFoundError) as exc:
@@ -87,6 +92,8 @@ def train(data_dir: Path, out_dir: Path, shots: int | None, seed: int, good_clas
     else:  # validation_split "good": every defect image trained, only good parts were held back
         click.echo(f"validation good parts only (every defect image trained): false-reject rate "
                    f"{m['false_reject_rate']:.3f} at threshold {summary.metadata.threshold:.3f} ({m['n_images']} images)")
+    click.echo(f"threshold  set on {m['threshold_good_images']} good images"
+               + (f" ({m['threshold_extra_images']} from --threshold-images)" if threshold_dir else ""))
     click.echo(f"parity     max |dp| {summary.parity['max_abs_prob_diff']:.1e}, top-1 agreement "
                f"{summary.parity['top1_agreement']:.0%} on {summary.parity['n_images']} images")
     click.echo("time       " + ", ".join(f"{k} {v:.1f}s" for k, v in summary.timings.items()))
