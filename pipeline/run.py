@@ -114,15 +114,12 @@ def threshold_image_scores(result: TrainResult, folder: Path, used: list[ImageFo
     import torch
 
     from pipeline.data.augment import load_images
-    from pipeline.data.decode import IMAGE_EXTENSIONS
-    from pipeline.data.folders import Sample
+    from pipeline.data.folders import Sample, list_images
     from pipeline.train import embed
 
     root = Path(folder)
-    if not root.is_dir():
-        raise FileNotFoundError(f"threshold image folder not found: {root}")
     seen = {os.path.realpath(s.path) for ds in used for s in ds.samples}
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = list_images(root)
     keep = [p for p in files if os.path.realpath(p) not in seen]
     if len(keep) < len(files):
         log.warning("%d threshold images are the run's training or validation images and were left out",

@@ -97,6 +97,20 @@ def scan_image_folder(root: str | os.PathLike, classes: list[str] | None = None)
     return ImageFolder(root, list(classes), samples)
 
 
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files under ``folder`` at any depth (class folders optional, symlinks followed), hidden entries
+    skipped, sorted."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    out: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out += [Path(dirpath) / fn for fn in sorted(filenames)
+                if not fn.startswith(".") and Path(fn).suffix.lower() in IMAGE_EXTENSIONS]
+    return out
+
+
 def guess_good_class(classes: list[str]) -> str:
     """The defect-free class by name, or a clear error asking for ``--good-class``."""
     norm = {c: c.lower().replace(" ", "_") for c in classes}

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.data.folders import list_images  # noqa: F401 - re-exported: pipeline.drift.list_images
 from pipeline.drift.detectors import cusum_path
 from pipeline.drift.reference import DEFAULT_DETECTOR, DETECTORS, WINDOW_DETECTORS, DriftReference, load_reference
 from pipeline.drift.stats import IMAGE_STAT_NAMES, image_statistics
@@ -60,21 +61,6 @@ def check_reference_matches(ref: DriftReference, model: "OnnxModel") -> None:
     if ref.n_classes != len(meta.classes) or (ref.classes is not None and list(ref.classes) != list(meta.classes)):
         raise ValueError(f"drift reference classes {ref.classes or ref.n_classes} do not match model classes "
                          f"{meta.classes}")
-
-
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files under ``folder`` at any depth (class folders optional), hidden entries skipped, sorted."""
-    from pipeline.data.decode import IMAGE_EXTENSIONS
-
-    root = Path(folder)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
-    out: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out += [Path(dirpath) / fn for fn in sorted(filenames)
-                if not fn.startswith(".") and Path(fn).suffix.lower() in IMAGE_EXTENSIONS]
-    return out
 
 
 def compute_features(model: "OnnxModel", images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.decode import IMAGE_EXTENSIONS, ImageDecodeError, decode_file
-from pipeline.data.folders import ImageFolder, Sample
+from pipeline.data.decode import ImageDecodeError, decode_file
+from pipeline.data.folders import ImageFolder, Sample, list_images
 from pipeline.preprocess import PreprocessSpec, preprocess
 
 MANIFEST_FILE = "manifest.json"
@@ -99,11 +99,7 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise CalibrationDataError(f"calibration folder not found: {root}")
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out += [Path(dirpath) / f for f in sorted(filenames)
-                if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+    out = list_images(root)
     if not out:
         raise CalibrationDataError(f"no image files under {root}")
     return out
