@@ -74,6 +74,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/datasets/magnetic-tile/images")
     ap.add_argument("--shots", type=int, default=20)
+    ap.add_argument("--good-shots", type=int, default=None,
+                    help="labelled good images (`defect train --good-shots`; default: --shots)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     ap.add_argument("--config", type=json.loads, default={}, help="TrainConfig overrides as JSON")
@@ -106,11 +108,13 @@ def main() -> None:
     rows, lat = [], None
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
-            _, held_out = sample_shots(scan_image_folder(args.data), args.shots, seed)
+            _, held_out = sample_shots(scan_image_folder(args.data), args.shots, seed,
+                                       {"free": args.good_shots} if args.good_shots else None)
             threshold_dir = None
             if args.threshold_goods:
                 held_out, threshold_dir = split_threshold_goods(held_out, args.threshold_goods, seed, Path(tmp))
             cfg = RunConfig(data_dir=args.data, out_dir=Path(tmp) / "run", shots=args.shots, good_class="free",
+                            good_shots=args.good_shots,
                             val_fraction=args.val_fraction, masks_dir=masks, threshold_dir=threshold_dir,
                             train=TrainConfig(seed=seed, **args.config))
             t = time.perf_counter()
@@ -149,7 +153,10 @@ def main() -> None:
     lines = [
         "## Core loop on magnetic-tile (issue 2)", "",
         f"Command: `{cmd}`  ", f"Machine: {machine_line()}", "",
-        f"{args.shots} labelled images per class, split as `defect train --shots {args.shots}` splits them (default "
+        f"{args.shots} labelled images per class"
+        + (f" ({args.good_shots} of the good class)" if args.good_shots else "")
+        + f", split as `defect train --shots {args.shots}"
+        + (f" --good-shots {args.good_shots}" if args.good_shots else "") + "` splits them (default "
         f"`validation_split` auto: where defect images are scarce a quarter of the good parts validate the threshold "
         f"and every defect image trains), "
         "evaluated through ONNX Runtime on all other images (held out"

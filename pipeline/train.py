@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
 import torch
@@ -61,7 +61,10 @@ class TrainConfig(BaseModel):
     backbone_lr_scale: float = 0.3
     weight_decay: float = 1e-4
     batch_size: int = Field(16, ge=2)
-    steps_per_epoch: int | None = 10  # None: ~one pass over the training set
+    # Stage-2 batches per epoch. "auto": AUTO_STEPS[0] (what the measured few-shot recipe uses) times the
+    # good-class weight, at most AUTO_STEPS[1]: when good parts are drawn more often the epoch grows with them
+    # rather than taking draws from the defect classes. None: one pass over the training set.
+    steps_per_epoch: Annotated[int, Field(ge=1)] | Literal["auto"] | None = "auto"
     patience: int = Field(6, ge=1)
     # "last": the fixed one-cycle schedule decides (few-shot validation sets of ~30 images are too noisy to
     # pick epochs: measured on magnetic-tile, "best" kept the head-only model at 0.747 balanced accuracy,
@@ -69,8 +72,11 @@ class TrainConfig(BaseModel):
     keep: str = Field("last", pattern="^(best|last)$")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     # How often the good class is drawn in stage-2 batches (and its stage-1 loss weight) relative to each
-    # defect class: good parts vary most and make most of the line, 1.0 draws every class equally often.
-    good_weight: float = Field(1.0, gt=0, le=20)
+    # defect class: 1.0 draws every class equally often. "auto": square-root sampling for the good class,
+    # sqrt(good images / mean defect-class images), between 1 and AUTO_GOOD_WEIGHT_MAX. A line gives many more
+    # good parts than defects, and they vary most: drawn only as often as one defect class, each good image is
+    # seen a few times and unseen good parts are called defects (measured on magnetic-tile, BENCHMARKS core).
+    good_weight: Annotated[float, Field(gt=0, le=20)] | Literal["auto"] = "auto"
     dropout: float = Field(0.2, ge=0, lt=1)
     # Re-estimate BatchNorm statistics on the (augmented) training images before stage 1 (AdaBN):
     # line images are far from ImageNet, so its statistics misplace every feature.
@@ -89,6 +95,25 @@ class TrainConfig(BaseModel):
     def preprocess_spec(self) -> PreprocessSpec:
         spec = default_preprocess(self.backbone, self.img_size, self.resize)
         return spec if self.exposure == "none" else spec.model_copy(update={"exposure": self.exposure})
+
+
+AUTO_STEPS = (10, 30)  # bounds of steps_per_epoch="auto"
+AUTO_GOOD_WEIGHT_MAX = 4.0
+
+
+def resolve_sampling(cfg: TrainConfig, labels: np.ndarray | torch.Tensor, good: int) -> tuple[float, int]:
+    """The (good_weight, steps_per_epoch) a run uses: ``cfg``'s numbers, or the "auto" rules for these labels."""
+    counts = np.bincount(np.asarray(labels), minlength=good + 1)
+    weight = cfg.good_weight
+    if weight == "auto":
+        defect = [n for c, n in enumerate(counts) if c != good and n > 0]
+        ratio = counts[good] / float(np.mean(defect)) if defect else 1.0
+        weight = float(min(AUTO_GOOD_WEIGHT_MAX, max(1.0, ratio ** 0.5)))
+    if cfg.steps_per_epoch == "auto":
+        steps = min(AUTO_STEPS[1], round(AUTO_STEPS[0] * weight))
+    else:
+        steps = cfg.steps_per_epoch or max(4, -(-int(counts.sum()) // cfg.batch_size))
+    return weight, steps
 
 
 class DefectClassifier(nn.Module):
@@ -187,6 +212,7 @@ class TrainResult:
     device: str = "cpu"
     bn_source: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     masked_images: int = 0  # defect training images that had a pixel mask
+    sampling: dict[str, float] = field(default_factory=dict)  # good_weight and steps_per_epoch as used
 
 
 CHECKPOINT_FILE = "checkpoint.npz"
@@ -526,10 +552,6 @@ def train(train_set: ImageFolder, val_set: ImageFolder, good_class: str, cfg: Tr
     if good_class not in classes:
         raise ValueError(f"good class {good_class!r} is not among the class folders {classes}")
     timings: dict[str, float] = {}
-    class_share = None
-    if cfg.good_weight != 1.0:
-        class_share = torch.ones(n_classes)
-        class_share[classes.index(good_class)] = cfg.good_weight
 
     t0 = time.perf_counter()
     cb = (lambda d, n: progress("decode", d, n)) if progress else None
@@ -542,6 +564,11 @@ def train(train_set: ImageFolder, val_set: ImageFolder, good_class: str, cfg: Tr
     if missing:
         raise ValueError(f"no readable training images for classes {missing}")
     good = classes.index(good_class)
+    good_weight, steps = resolve_sampling(cfg, y_train, good)
+    class_share = None
+    if good_weight != 1.0:
+        class_share = torch.ones(n_classes)
+        class_share[good] = good_weight
     masks: torch.Tensor | None = None
     has_mask = torch.zeros(len(y_train), dtype=torch.bool)
     if masks_dir is not None:
@@ -606,7 +633,6 @@ def train(train_set: ImageFolder, val_set: ImageFolder, good_class: str, cfg: Tr
     best_key = (best_score, -history[-1]["val_loss"])
     best_state = copy.deepcopy(model.state_dict())
     groups = _trainable_params(model, cfg)
-    steps = cfg.steps_per_epoch or max(4, -(-len(y_train) // cfg.batch_size))
     total = cfg.finetune_epochs * steps
     if total:
         opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
@@ -666,5 +692,5 @@ def train(train_set: ImageFolder, val_set: ImageFolder, good_class: str, cfg: Tr
         val_labels=y_val.numpy(), val_probs=val_probs, val_embeddings=val_emb,
         train_embeddings=train_emb, train_probs=train_probs,
         history=history, timings=timings, best_epoch=best_epoch, device=str(device), bn_source=bn_source,
-        masked_images=int(has_mask.sum()),
+        masked_images=int(has_mask.sum()), sampling={"good_weight": round(good_weight, 3), "steps_per_epoch": steps},
     )

@@ -19,6 +19,7 @@ from pipeline.data.folders import scan_image_folder
 from pipeline.evaluate import (
     EvalOutputs,
     allowed_false_rejects,
+    threshold_warning,
     binary_curve,
     choose_threshold,
     classification_metrics,
@@ -433,3 +434,13 @@ def test_evaluate_model_reads_every_real_image(magnetic_tile, tmp_path):
     assert metrics["n_skipped"] == 0 and metrics["n_images"] == len(ds)
     assert metrics["n_good"] == ds.counts()["free"] and out.embeddings.shape == (len(ds), 3)
     json.dumps(metrics, allow_nan=False)
+
+
+def test_threshold_warning_when_no_good_part_may_be_rejected():
+    """Below 1 / target good parts the threshold is the highest good score: say so, and how many are needed."""
+    for n, target, needed in ((25, 0.02, 50), (5, 0.02, 50), (9, 0.1, 10), (49, 0.02, 50)):
+        text = threshold_warning(n, target)
+        assert text and f"on {n} good images" in text and f"at least {needed} " in text
+        assert allowed_false_rejects(needed, target) == 1 and allowed_false_rejects(needed - 1, target) == 0
+    assert threshold_warning(50, 0.02) is None and threshold_warning(75, 0.02) is None
+    assert threshold_warning(10, 0.0) is None  # a zero target asks for no rejects: nothing to warn about

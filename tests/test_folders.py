@@ -189,6 +189,30 @@ def test_sample_shots(ds: ImageFolder):
         sample_shots(ds, 0, seed=0)
 
 
+def test_sample_shots_more_good_parts(ds: ImageFolder):
+    picked, rest = sample_shots(ds, 5, seed=3, per_class={"good": 20})
+    assert picked.counts() == {"good": 20, "crack": 5, "dent": 5, "single": 1}
+    assert rest.counts() == {"good": 20, "crack": 7, "dent": 0, "single": 0}
+    # the defect classes get the same K images as without the override (same seeded draw per class)
+    plain, _ = sample_shots(ds, 5, seed=3)
+    good = ds.classes.index("good")
+    assert {s for s in picked.samples if s.label != good} == {s for s in plain.samples if s.label != good}
+    with pytest.raises(ValueError, match="goood"):
+        sample_shots(ds, 5, seed=3, per_class={"goood": 20})
+    with pytest.raises(ValueError, match="at least 1"):
+        sample_shots(ds, 5, seed=3, per_class={"good": 0})
+
+
+def test_good_shots_needs_shots(ds: ImageFolder, tmp_path):
+    from pipeline.run import RunConfig, split_dataset
+
+    with pytest.raises(ValueError, match="give shots too"):
+        RunConfig(data_dir=ds.root, out_dir=tmp_path / "run", good_shots=10)
+    cfg = RunConfig(data_dir=ds.root, out_dir=tmp_path / "run", shots=5, good_shots=10)
+    train_set, val_set, rest = split_dataset(ds, cfg, "good")
+    assert train_set.counts()["good"] + val_set.counts()["good"] == 10 and rest.counts()["good"] == 30
+
+
 # -- manifest --------------------------------------------------------------------------------------------
 
 

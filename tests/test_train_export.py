@@ -33,6 +33,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path, Path]:
                                     "--seed", "1"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert "validation good parts only (every defect image trained)" in res.output
+    assert "warning    the threshold was set on 3 good images" in res.output  # 2 % of 3: none may be rejected
     return root / "run", test, data
 
 
@@ -135,8 +136,11 @@ def test_few_shots_train_a_model_without_drift_reference(trained, tmp_path):
     and usable, its metadata names no drift reference and metrics.json says why."""
     run, _, data = trained
     res = CliRunner().invoke(main, ["train", str(data), "--out", str(tmp_path / "r"), "--shots", "2",
-                                    "--config", str(run.parent / "fast.yaml")], catch_exceptions=False)
+                                    "--good-shots", "3", "--config", str(run.parent / "fast.yaml")],
+                             catch_exceptions=False)
     assert res.exit_code == 0, res.output
+    counts = json.loads((tmp_path / "r" / "metrics.json").read_text())["counts"]
+    assert counts["train"]["good"] + counts["val"]["good"] == 3 and counts["train"]["crack"] == 2
     meta = load_metadata(tmp_path / "r" / "model.onnx")
     assert meta.drift_reference is None and meta.onnx_sha256 == sha256_file(tmp_path / "r" / "model.onnx")
     assert read_embedded_metadata(tmp_path / "r" / "model.onnx")["drift_reference"] is None
@@ -148,6 +152,8 @@ def test_train_refuses_unknown_good_class(trained, tmp_path):
     _, _, data = trained
     res = CliRunner().invoke(main, ["train", str(data), "--out", str(tmp_path / "r"), "--good-class", "nope"])
     assert res.exit_code == 2 and "nope" in res.output
+    res = CliRunner().invoke(main, ["train", str(data), "--out", str(tmp_path / "g"), "--good-shots", "5"])
+    assert res.exit_code == 2 and "give shots too" in res.output and not (tmp_path / "g").exists()
 
 
 def test_cli_train_reports_missing_weights(trained, tmp_path, monkeypatch):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
 
-from pipeline.train import TrainConfig, _balanced_batches
+from pipeline.train import AUTO_GOOD_WEIGHT_MAX, AUTO_STEPS, TrainConfig, _balanced_batches, resolve_sampling
 
 
 def labels() -> torch.Tensor:
@@ -41,10 +42,30 @@ def test_balanced_batches_follow_class_share():
 
 
 def test_good_weight_and_exposure_options():
-    assert TrainConfig().good_weight == 1.0 and TrainConfig().exposure == "none"
+    assert TrainConfig().good_weight == "auto" and TrainConfig().exposure == "none"
     assert TrainConfig().preprocess_spec().exposure == "none"  # default models unchanged
     spec = TrainConfig(exposure="standardize", img_size=96).preprocess_spec()
     assert spec.exposure == "standardize" and spec.height == 96
-    for bad in ({"good_weight": 0}, {"exposure": "hist"}):
+    for bad in ({"good_weight": 0}, {"good_weight": "most"}, {"steps_per_epoch": 0}, {"exposure": "hist"}):
         with pytest.raises(ValidationError):
             TrainConfig(**bad)
+
+
+def test_auto_sampling_scales_with_the_good_images():
+    """20 shots keep the balanced recipe; a good-heavy set draws goods more often and runs longer epochs."""
+    few = np.array([0] * 20 + [1] * 15 + [2] * 20)  # good = 1: fewer goods than defects
+    assert resolve_sampling(TrainConfig(), few, good=1) == (1.0, AUTO_STEPS[0])
+    many = np.array([0] * 20 + [1] * 225 + [2] * 20)
+    weight, steps = resolve_sampling(TrainConfig(), many, good=1)
+    assert weight == pytest.approx((225 / 20) ** 0.5) and steps == AUTO_STEPS[1]  # 10 x 3.35, capped
+    some = np.array([0] * 20 + [1] * 45 + [2] * 20)  # 1.5 x as many goods: 15 steps
+    assert resolve_sampling(TrainConfig(), some, good=1) == (pytest.approx(1.5), 15)
+    balanced = np.array([0] * 200 + [1] * 200)  # a big balanced set keeps the measured recipe
+    assert resolve_sampling(TrainConfig(), balanced, good=1) == (1.0, AUTO_STEPS[0])
+    huge = np.array([0] * 5 + [1] * 5000)
+    assert resolve_sampling(TrainConfig(), huge, good=1) == (AUTO_GOOD_WEIGHT_MAX, AUTO_STEPS[1])
+    # explicit numbers are taken as given; None is one pass over the set
+    assert resolve_sampling(TrainConfig(good_weight=2.5, steps_per_epoch=7), many, good=1) == (2.5, 7)
+    assert resolve_sampling(TrainConfig(steps_per_epoch=None), huge, good=1)[1] == -(-5005 // 16)
+    # a defect class with no training image does not dilute the mean
+    assert resolve_sampling(TrainConfig(), np.array([1] * 80 + [2] * 20), good=1)[0] == 2.0

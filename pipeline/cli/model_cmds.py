@@ -27,6 +27,8 @@ def _fail(msg: str) -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run folder for model.onnx, model.json, metrics.json, report.html and plots.")
 @click.option("--shots", type=click.IntRange(min=1), help="Use only K labelled images per class (few-shot).")
+@click.option("--good-shots", type=click.IntRange(min=1),
+              help="With --shots: label G good parts instead of K (a line has many more good parts than defects).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--good-class", help="The defect-free class folder (default: guessed from good/ok/free/normal).")
 @click.option("--img-size", type=click.IntRange(32, 1024), help="Square input size (default: backbone's native).")
@@ -51,7 +53,7 @@ def _fail(msg: str) -> None:
                    "from the image's mean features; auto (default): cells with --masks, else pooled.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="YAML/JSON file with TrainConfig fields (command-line options win).")
-def train(data_dir: Path, out_dir: Path, shots: int | None, seed: int, good_class: str | None, img_size: int | None,
+def train(data_dir: Path, out_dir: Path, shots: int | None, good_shots: int | None, seed: int, good_class: str | None, img_size: int | None,
           resize: str, backbone: str, weights: str | None, epochs: int | None, target_frr: float,
           validation_split: str, masks_dir: Path | None, threshold_dir: Path | None, head: str | None,
           config_file: Path | None) -> None:
@@ -70,7 +72,7 @@ def train(data_dir: Path, out_dir: Path, shots: int | None, seed: int, good_clas
     try:
         tcfg = TrainConfig(**{**(base or {}), **{k: v for k, v in overrides.items() if v is not None}})
         cfg = RunConfig(data_dir=data_dir, out_dir=out_dir, good_class=good_class, shots=shots,
-                        target_frr=target_frr, validation_split=validation_split, masks_dir=masks_dir,
+                        good_shots=good_shots, target_frr=target_frr, validation_split=validation_split, masks_dir=masks_dir,
                         threshold_dir=threshold_dir, train=tcfg)
         with progress_bar() as update:
             summary = run_training(cfg, progress=update)
@@ -94,6 +96,8 @@ def train(data_dir: Path, out_dir: Path, shots: int | None, seed: int, good_clas
                    f"{m['false_reject_rate']:.3f} at threshold {summary.metadata.threshold:.3f} ({m['n_images']} images)")
     click.echo(f"threshold  set on {m['threshold_good_images']} good images"
                + (f" ({m['threshold_extra_images']} from --threshold-images)" if threshold_dir else ""))
+    if m.get("threshold_warning"):
+        click.echo(f"warning    {m['threshold_warning']}")
     click.echo(f"parity     max |dp| {summary.parity['max_abs_prob_diff']:.1e}, top-1 agreement "
                f"{summary.parity['top1_agreement']:.0%} on {summary.parity['n_images']} images")
     click.echo("time       " + ", ".join(f"{k} {v:.1f}s" for k, v in summary.timings.items()))

@@ -141,15 +141,21 @@ def stratified_split(ds: ImageFolder, fraction: float, seed: int, min_per_class:
     return ds.subset(rest), ds.subset(held)
 
 
-def sample_shots(ds: ImageFolder, shots: int, seed: int) -> tuple[ImageFolder, ImageFolder]:
-    """K images per class for training; everything else is returned as the remainder."""
-    if shots < 1:
-        raise ValueError(f"shots must be at least 1, got {shots}")
+def sample_shots(ds: ImageFolder, shots: int, seed: int,
+                 per_class: dict[str, int] | None = None) -> tuple[ImageFolder, ImageFolder]:
+    """K images per class for training (``per_class`` overrides K by class name, e.g. more good parts);
+    everything else is returned as the remainder."""
+    counts = {c: (per_class or {}).get(c, shots) for c in ds.classes}
+    unknown = sorted(set(per_class or {}) - set(ds.classes))
+    if unknown:
+        raise ValueError(f"shots given for classes {unknown} that are not class folders of {ds.root}")
+    if min(counts.values()) < 1:
+        raise ValueError(f"shots must be at least 1, got {counts}")
     rng = random.Random(seed)
     picked, rest = [], []
-    for label in range(len(ds.classes)):
+    for label, name in enumerate(ds.classes):
         items = [s for s in ds.samples if s.label == label]
         rng.shuffle(items)
-        picked += items[:shots]
-        rest += items[shots:]
+        picked += items[:counts[name]]
+        rest += items[counts[name]:]
     return ds.subset(picked), ds.subset(rest)

@@ -15,6 +15,7 @@ from pipeline.evaluate.metrics import (
     classification_metrics,
     defect_scores,
     false_reject_rate,
+    threshold_warning,
 )
 from pipeline.evaluate.plots import plot_confusion_matrix, plot_recall_vs_frr, plot_score_histogram
 from pipeline.evaluate.report import save_metrics, write_report
@@ -36,5 +37,6 @@ __all__ = [
     "plot_recall_vs_frr",
     "plot_score_histogram",
     "save_metrics",
+    "threshold_warning",
     "write_report",
 ]

@@ -81,6 +81,23 @@ def false_reject_rate(good_scores: np.ndarray, threshold: float) -> float:
     return float(np.count_nonzero(g >= threshold) / g.size)
 
 
+def threshold_warning(n_good: int, target_frr: float) -> str | None:
+    """Why a threshold set on ``n_good`` good parts is not the ``target_frr`` one, or None when it can be.
+
+    Below 1 / target good parts none may be rejected, so the threshold sits above the highest good score and
+    one odd good part can push it so high that few defects reach it (measured on magnetic-tile with 25
+    validation good parts: a good part scored ~1.0 and the model rejected nothing).
+    """
+    if target_frr <= 0 or allowed_false_rejects(n_good, target_frr) > 0:
+        return None
+    needed = max(n_good + 1, math.floor(1 / target_frr))
+    while allowed_false_rejects(needed, target_frr) == 0:
+        needed += 1
+    return (f"the threshold was set on {n_good} good images: a {target_frr:.4g} false-reject rate needs at least "
+            f"{needed} to reject any, so it sits above the highest-scoring one and may pass defects; give more "
+            f"good parts (--threshold-images)")
+
+
 def choose_threshold(good_scores: np.ndarray, target_frr: float) -> float:
     """Smallest threshold in [0, 1] whose false-reject rate on ``good_scores`` is <= ``target_frr``.
 
