@@ -110,7 +110,7 @@ def resolve_sampling(cfg: TrainConfig, labels: np.ndarray | torch.Tensor, good: 
         ratio = counts[good] / float(np.mean(defect)) if defect else 1.0
         weight = float(min(AUTO_GOOD_WEIGHT_MAX, max(1.0, ratio ** 0.5)))
     if cfg.steps_per_epoch == "auto":
-        steps = min(AUTO_STEPS[1], round(AUTO_STEPS[0] * weight))
+        steps = min(AUTO_STEPS[1], max(AUTO_STEPS[0], round(AUTO_STEPS[0] * weight)))
     else:
         steps = cfg.steps_per_epoch or max(4, -(-int(counts.sum()) // cfg.batch_size))
     return weight, steps

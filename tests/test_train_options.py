@@ -66,6 +66,7 @@ def test_auto_sampling_scales_with_the_good_images():
     assert resolve_sampling(TrainConfig(), huge, good=1) == (AUTO_GOOD_WEIGHT_MAX, AUTO_STEPS[1])
     # explicit numbers are taken as given; None is one pass over the set
     assert resolve_sampling(TrainConfig(good_weight=2.5, steps_per_epoch=7), many, good=1) == (2.5, 7)
+    assert resolve_sampling(TrainConfig(good_weight=0.5), many, good=1) == (0.5, AUTO_STEPS[0])
     assert resolve_sampling(TrainConfig(steps_per_epoch=None), huge, good=1)[1] == -(-5005 // 16)
     # a defect class with no training image does not dilute the mean
     assert resolve_sampling(TrainConfig(), np.array([1] * 80 + [2] * 20), good=1)[0] == 2.0
