@@ -51,6 +51,9 @@ def test_run_folder_is_complete(trained):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["parity"]["top1_agreement"] == 1.0 and metrics["parity"]["max_abs_prob_diff"] <= 1e-4
     assert {"stage1_head_s", "stage2_finetune_s", "total_s"} <= set(metrics["timings"])
+    # 9 good parts train against 6 per defect class: auto weight sqrt(1.5); the config fixes 2 batches per epoch
+    assert metrics["sampling"] == {"good_weight": round(1.5 ** 0.5, 3), "steps_per_epoch": 2}
+    assert metrics["validation"]["threshold_warning"].startswith("the threshold was set on 3 good images")
     # the unreadable file is reported by name, not silently dropped
     assert any("not_an_image.png" in s["path"] for s in metrics["skipped"])
     # 6 images per defect class are scarce: all of them trained, only good parts were held back to validate
