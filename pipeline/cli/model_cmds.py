@@ -53,8 +53,8 @@ def _fail(msg: str) -> None:
                    "from the image's mean features; auto (default): cells with --masks, else pooled.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="YAML/JSON file with TrainConfig fields (command-line options win).")
-def train(data_dir: Path, out_dir: Path, shots: int | None, good_shots: int | None, seed: int, good_class: str | None, img_size: int | None,
-          resize: str, backbone: str, weights: str | None, epochs: int | None, target_frr: float,
+def train(data_dir: Path, out_dir: Path, shots: int | None, good_shots: int | None, seed: int, good_class: str | None,
+          img_size: int | None, resize: str, backbone: str, weights: str | None, epochs: int | None, target_frr: float,
           validation_split: str, masks_dir: Path | None, threshold_dir: Path | None, head: str | None,
           config_file: Path | None) -> None:
     """Fine-tune a pretrained backbone on DATA_DIR (one folder per class) and export a checked ONNX model."""
@@ -72,8 +72,8 @@ def train(data_dir: Path, out_dir: Path, shots: int | None, good_shots: int | No
     try:
         tcfg = TrainConfig(**{**(base or {}), **{k: v for k, v in overrides.items() if v is not None}})
         cfg = RunConfig(data_dir=data_dir, out_dir=out_dir, good_class=good_class, shots=shots,
-                        good_shots=good_shots, target_frr=target_frr, validation_split=validation_split, masks_dir=masks_dir,
-                        threshold_dir=threshold_dir, train=tcfg)
+                        good_shots=good_shots, target_frr=target_frr, validation_split=validation_split,
+                        masks_dir=masks_dir, threshold_dir=threshold_dir, train=tcfg)
         with progress_bar() as update:
             summary = run_training(cfg, progress=update)
     except (MissingWeightsError, ValueError, FileNotFoundError) as exc:
