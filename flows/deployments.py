@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.registry import validate_name
 
@@ -124,6 +124,8 @@ def emit_drift_event(line: str, *, registry: str | os.PathLike | None = None,
 
 class DeploymentSettings(BaseModel):
     """What a site chooses when it deploys the retrain flow."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not a silent default
 
     work_pool: str = Field(DEFAULT_WORK_POOL, min_length=1)
     registry: Path = Path("models")

@@ -25,6 +25,7 @@ from pipeline.data.folders import ImageFolder, guess_good_class, manifest_sha256
 from pipeline.gate import GateConfig, GateDecision, decide
 from pipeline.registry import Registry, line_lock
 from pipeline.run import RunConfig, run_training
+from pipeline.supervised_adapt import SupervisedAdaptConfig, adapt_supervised
 from pipeline.train import CHECKPOINT_FILE, TrainConfig
 
 
@@ -76,8 +77,6 @@ def train_challenger(data_dir: str, pool: ImageFolder, out_dir: str, good_class:
                     target_frr=target_frr, masks_dir=Path(masks_dir) if masks_dir else None,
                     train=TrainConfig(**train_cfg))
     if adapt is not None and init_checkpoint:
-        from pipeline.supervised_adapt import SupervisedAdaptConfig, adapt_supervised
-
         gate_paths = [Path(p) for p in gate_files or []]
         s, info = adapt_supervised(Path(init_checkpoint).parent, pool, cfg, SupervisedAdaptConfig(**adapt),
                                    exclude=gate_paths, domain_images=[x.path for x in pool.samples] + gate_paths)
@@ -133,6 +132,12 @@ def retrain(line: str, data_dir: str, registry: str = "models", shots: int | Non
     of the defect images, mirroring ``data_dir`` (optional; see ``pipeline.data.masks``).
     """
     logger = get_run_logger()
+    # a misspelt recipe or gate field fails here, before the line is locked or anything trains
+    cfg = {"seed": seed, **(train_config or {})}
+    TrainConfig(**cfg)
+    gate_cfg = GateConfig(**(gate or {}))
+    if supervised_adapt is not None:
+        SupervisedAdaptConfig(**supervised_adapt)
     reg = Registry(Path(registry))
     with line_lock(registry, line, timeout=lock_timeout_s) as lock:
         if stale := remove_stale_scratch(Path(registry) / line):
@@ -145,7 +150,6 @@ def retrain(line: str, data_dir: str, registry: str = "models", shots: int | Non
         try:
             init = str(champion.path / CHECKPOINT_FILE) if (warm_start and champion and
                                                             (champion.path / CHECKPOINT_FILE).is_file()) else None
-            cfg = {"seed": seed, **(train_config or {})}
             trained = train_challenger(data_dir, pool, str(scratch), good, shots, target_frr, cfg, init,
                                        adapt=supervised_adapt,
                                        gate_files=[str(s.path) for s in gate_set.samples], masks_dir=masks_dir)
@@ -155,7 +159,7 @@ def retrain(line: str, data_dir: str, registry: str = "models", shots: int | Non
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         champion_metrics = evaluate_on(str(champion.onnx_path), gate_set, gate_hash) if champion else None
-        decision = decide(challenger_metrics, champion_metrics, GateConfig(**(gate or {})))
+        decision = decide(challenger_metrics, champion_metrics, gate_cfg)
         logger.info("gate for %s/%s: %s", line, version, decision.summary())
         if decision.promote:
             reg.promote(line, version, reason=f"{reason or 'retrain'}; {decision.summary()}", lock=lock)

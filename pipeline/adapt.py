@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.data.decode import ImageDecodeError, decode_file
 from pipeline.drift.check import list_images
@@ -27,6 +27,8 @@ from pipeline.preprocess import PreprocessSpec
 
 
 class LabelFreeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not a silent default
+
     max_images: int = Field(512, ge=8)
     min_images: int = Field(32, ge=8)
     bn_views: int = Field(2, ge=1, le=16)  # the new images, plus augmented copies

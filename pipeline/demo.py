@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.train import Progress, TrainConfig
 
@@ -39,6 +39,8 @@ LINE = "demo-line"
 
 
 class DemoConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not a silent default
+
     workdir: Path = Path("demo")
     n_per_defect: int = Field(20, ge=4)  # good parts get 3x as many, as on a real line
     image_size: int = Field(128, ge=64)

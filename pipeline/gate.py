@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 REQUIRED_METRICS = ("balanced_accuracy", "defect_recall_at_frr")
 MATCHED_RECALL = "defect_recall_at_target_frr_oracle"
@@ -35,6 +35,8 @@ _EPS = 1e-9  # float noise: a delta of exactly -tolerance passes
 
 class GateConfig(BaseModel):
     """How much regression a challenger may show and still be promoted."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not a silent default
 
     tolerance_balanced_accuracy: float = Field(0.01, ge=0.0, le=1.0)
     tolerance_defect_recall: float = Field(0.01, ge=0.0, le=1.0)

@@ -21,7 +21,9 @@ _INTERP = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTE
 class PreprocessSpec(BaseModel):
     """How an RGB uint8 image becomes the model's float32 input."""
 
-    model_config = ConfigDict(frozen=True)
+    # a field this version does not know (a model from a newer trainer) is refused rather than ignored:
+    # serving it with a step skipped would be silent train/serve skew
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     height: int = Field(224, ge=16, le=2048)
     width: int = Field(224, ge=16, le=2048)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.data.folders import (ImageFolder, guess_good_class, manifest_sha256, sample_shots, scan_image_folder,
                                    stratified_split)
@@ -31,6 +31,8 @@ DRIFT_REFERENCE_FILE = "drift_reference.npz"
 
 class RunConfig(BaseModel):
     """What to train on and how to split it; the recipe itself is ``train``."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not a silent default
 
     data_dir: Path
     out_dir: Path

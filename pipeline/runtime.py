@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.metadata import INPUT_NAME, OUTPUT_EMBEDDING, OUTPUT_PROBS, ModelMetadata, load_metadata
 from pipeline.preprocess import preprocess
@@ -37,6 +37,8 @@ class ModelIntegrityError(RuntimeError):
 
 class RuntimeOptions(BaseModel):
     """How to run a model; defaults suit a small CPU inference host."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not a silent default
 
     providers: list[str] | None = None  # None: best available in PREFERRED_PROVIDERS order
     intra_op_threads: int = Field(0, ge=0)  # 0: ONNX Runtime's default (one per physical core)

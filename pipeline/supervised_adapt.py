@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.data.folders import ImageFolder, Sample
 from pipeline.metadata import load_metadata
@@ -39,6 +39,8 @@ MIN_DOMAIN_IMAGES = 32  # a drift reference needs 16 images to fit and 16 to cal
 
 class SupervisedAdaptConfig(BaseModel):
     """How labelled current-domain images re-adapt a champion (always a warm start from its weights)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not a silent default
 
     replay: bool = True  # also train on the champion's own labelled data (its manifest's train + val files)
     max_replay_per_class: int | None = Field(None, ge=1)  # None: replay all of it

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from pipeline.backbones import build_backbone, default_preprocess
@@ -42,6 +42,8 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 class TrainConfig(BaseModel):
     """The fine-tuning recipe. Defaults are what the magnetic-tile benchmark uses."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not a silent default
 
     backbone: str = "efficientnet_lite0"
     weights: str | None = None

@@ -333,6 +333,25 @@ def test_adapt_refuses_bad_input_and_a_busy_line(prefect_server: str, data_root:
     assert Registry(reg).list_versions(LINE) == []
 
 
+def test_retrain_refuses_a_misspelt_parameter_before_it_trains(prefect_server: str, data_root: Path,
+                                                                tmp_path: Path) -> None:
+    """A typo in gate or train_config (the UI's flow parameters) fails at once: nothing trained, nothing locked."""
+    from pydantic import ValidationError
+
+    from flows.retrain import retrain
+
+    reg = tmp_path / "models"
+    with pytest.raises(ValidationError, match="tolerance_balanced_acc"):
+        retrain(LINE, str(data_root / LINE), registry=str(reg), train_config=TRAINED,
+                gate={"tolerance_balanced_acc": 0.5})
+    with pytest.raises(ValidationError, match="head_step"):
+        retrain(LINE, str(data_root / LINE), registry=str(reg), train_config={**TRAINED, "head_step": 5})
+    with pytest.raises(ValidationError, match="replay_all"):
+        retrain(LINE, str(data_root / LINE), registry=str(reg), train_config=TRAINED,
+                supervised_adapt={"replay_all": True})
+    assert not (reg / LINE).exists()
+
+
 def test_adapt_passes_options_and_prints_the_verdict(data_root: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Parsing and printing only (the flow is replaced): what reaches the flow and what the operator reads."""

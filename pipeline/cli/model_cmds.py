@@ -58,19 +58,25 @@ def train(data_dir: Path, out_dir: Path, shots: int | None, good_shots: int | No
           validation_split: str, masks_dir: Path | None, threshold_dir: Path | None, head: str | None,
           config_file: Path | None) -> None:
     """Fine-tune a pretrained backbone on DATA_DIR (one folder per class) and export a checked ONNX model."""
-    import yaml
-
     from pipeline.backbones import MissingWeightsError
+    from pipeline.cli.adapt_cmd import load_run_config
     from pipeline.run import RunConfig, run_training
     from pipeline.train import TrainConfig
 
-    base = yaml.safe_load(config_file.read_text()) if config_file else {}
+    try:
+        base, gate = load_run_config(config_file)
+    except ValueError as exc:
+        _fail(str(exc))
+        return
+    if gate is not None:
+        _fail(f"{config_file}: a 'gate:' section applies to retrain and readapt (promotion), not to train")
+        return
     overrides = {"seed": seed, "backbone": backbone, "resize": resize, "img_size": img_size, "weights": weights,
                  "head": head}
     if epochs is not None:
         overrides["finetune_epochs"] = epochs
     try:
-        tcfg = TrainConfig(**{**(base or {}), **{k: v for k, v in overrides.items() if v is not None}})
+        tcfg = TrainConfig(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
         cfg = RunConfig(data_dir=data_dir, out_dir=out_dir, good_class=good_class, shots=shots,
                         good_shots=good_shots, target_frr=target_frr, validation_split=validation_split,
                         masks_dir=masks_dir, threshold_dir=threshold_dir, train=tcfg)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.data.decode import ImageDecodeError, decode_file
 from pipeline.data.folders import ImageFolder
@@ -22,6 +22,8 @@ from pipeline.preprocess import PreprocessSpec, resize_image
 
 
 class AugmentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not a silent default
+
     hflip: bool = True
     vflip: bool = True
     rotate_deg: float = Field(10.0, ge=0, le=180)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.metadata import INPUT_NAME, OUTPUT_EMBEDDING
 
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 class QuantConfig(BaseModel):
     """How a model is quantised; every field is recorded in the INT8 sidecar."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not a silent default
 
     calibrate_method: Literal["minmax", "percentile", "entropy"] = "minmax"
     percentile: float = Field(99.999, gt=90.0, le=100.0, description="for calibrate_method=percentile")
