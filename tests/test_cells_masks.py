@@ -62,6 +62,30 @@ def test_cell_head_uses_the_linear_head_weights_per_cell():
         DefectClassifier(_FlatBackbone(), 3, head="avg")
 
 
+def test_cell_dropout_on_the_head_weights_equals_dropout_on_the_features():
+    """The stage-1 loss drops channels through the weights (no copy of the cache): same loss, same gradient."""
+    from pipeline.train import TrainConfig, _cell_loss
+
+    cfg = TrainConfig(dropout=0.3)
+    clf = DefectClassifier(_FlatBackbone(), 3, head="cells", good_index=0)
+    torch.nn.init.normal_(clf.head.weight)
+    cells, y = torch.randn(5, 4, 4), torch.tensor([0, 1, 2, 1, 0])
+    targets = torch.randint(0, 3, (5, 4))
+    clf.dropout.train()
+    torch.manual_seed(7)
+    loss = _cell_loss(clf, cells, y, targets, cfg)
+    (grad,) = torch.autograd.grad(loss, clf.head.weight)
+
+    torch.manual_seed(7)  # the reference: the features themselves dropped, image by image
+    keep = torch.rand(5, 1, 4) >= cfg.dropout
+    clf.dropout.eval()
+    ref = _cell_loss(clf, cells * keep / (1 - cfg.dropout), y, targets, cfg)
+    (ref_grad,) = torch.autograd.grad(ref, clf.head.weight)
+    assert keep.float().mean() < 1  # something was dropped
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(grad, ref_grad)
+
+
 def test_cell_targets_label_defect_cells_ignore_their_ring_and_unmasked_defects():
     masks = torch.zeros(3, 64, 64)
     masks[0, 0:8, 0:8] = 1.0  # defect in the top-left cell of image 0
