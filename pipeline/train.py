@@ -522,8 +522,9 @@ def _cell_loss(model: DefectClassifier, cells: torch.Tensor, y: torch.Tensor, ta
     if model.dropout.training and cfg.dropout > 0:
         # Channel dropout shared by an image's cells (Dropout2d's rule), applied to the head's weights: per
         # image, W (x * keep) = (W * keep) x, so the dropped copy of the features (the whole stage-1 cache,
-        # every step) is never written; the same draws and the same numbers, 2x faster on 2 cores.
-        keep = (torch.rand(cells.shape[0], 1, cells.shape[2], device=cells.device) >= cfg.dropout)
+        # every step) is never written: the same draws, the same loss up to float rounding, 2x faster on 2
+        # cores (a 20-shot run amplifies that rounding as much as a change of seed: BENCHMARKS core)
+        keep = torch.rand(cells.shape[0], 1, cells.shape[2], device=cells.device) >= cfg.dropout
         w = model.head.weight.unsqueeze(0) * (keep.to(cells.dtype) / (1 - cfg.dropout))  # (N, K, D)
         logits = torch.baddbmm(model.head.bias.view(1, -1, 1), w, cells.transpose(1, 2))  # (N, K, P)
     else:
