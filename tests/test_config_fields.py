@@ -13,18 +13,18 @@ import pytest
 from click.testing import CliRunner
 from pydantic import BaseModel, ValidationError
 
-from pipeline.adapt import LabelFreeConfig
-from pipeline.cli import main
-from pipeline.data.augment import AugmentConfig
-from pipeline.demo import DemoConfig
-from pipeline.gate import GateConfig
-from pipeline.metadata import ModelMetadata, load_metadata
-from pipeline.preprocess import PreprocessSpec
-from pipeline.runtime import RuntimeOptions
+torch = pytest.importorskip("torch")  # the training-side configs import it
 
-torch = pytest.importorskip("torch")
+from pipeline.adapt import LabelFreeConfig  # noqa: E402
+from pipeline.cli import main  # noqa: E402
+from pipeline.data.augment import AugmentConfig  # noqa: E402
+from pipeline.demo import DemoConfig  # noqa: E402
 from pipeline.export.quantize import QuantConfig  # noqa: E402
+from pipeline.gate import GateConfig  # noqa: E402
+from pipeline.metadata import ModelMetadata, load_metadata  # noqa: E402
+from pipeline.preprocess import PreprocessSpec  # noqa: E402
 from pipeline.run import RunConfig  # noqa: E402
+from pipeline.runtime import RuntimeOptions  # noqa: E402
 from pipeline.supervised_adapt import SupervisedAdaptConfig  # noqa: E402
 from pipeline.train import TrainConfig  # noqa: E402
 
