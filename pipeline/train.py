@@ -15,7 +15,8 @@ import copy
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -233,10 +234,13 @@ def forward_features(model: nn.Module, images_u8: torch.Tensor, spec: Preprocess
         model.features(x.contiguous(memory_format=torch.channels_last))
 
 
-@torch.no_grad()
-def bn_input_stats(model: nn.Module, images_u8: torch.Tensor, spec: PreprocessSpec, device: torch.device,
-                   batch: int = 32) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per-channel mean and variance of every BatchNorm layer's *input* over these images (eval mode)."""
+@contextmanager
+def recording_bn_inputs(model: nn.Module) -> Iterator[dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Per-channel mean and variance of every BatchNorm layer's *input* over the forward passes run inside.
+
+    The yielded dict is filled on exit, so the statistics can ride along a pass that is needed anyway
+    (training's final embedding of its images) instead of costing one of their own.
+    """
     sums: dict[str, list] = {}
     hooks = []
     for name, m in model.named_modules():
@@ -248,16 +252,24 @@ def bn_input_stats(model: nn.Module, images_u8: torch.Tensor, spec: PreprocessSp
                 acc[1] = acc[1] + (x * x).sum(dim=(0, 2, 3))
                 acc[2] += x.shape[0] * x.shape[2] * x.shape[3]
             hooks.append(m.register_forward_pre_hook(hook))
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     try:
-        forward_features(model, images_u8, spec, device, batch)
+        yield out
     finally:
         for h in hooks:
             h.remove()
-    out = {}
     for name, (s1, s2, n) in sums.items():
         mean = s1 / n
         out[name] = (mean.cpu().numpy(), (s2 / n - mean * mean).clamp(min=0).cpu().numpy())
-    return out
+
+
+@torch.no_grad()
+def bn_input_stats(model: nn.Module, images_u8: torch.Tensor, spec: PreprocessSpec, device: torch.device,
+                   batch: int = 32) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-channel mean and variance of every BatchNorm layer's *input* over these images (eval mode)."""
+    with recording_bn_inputs(model) as stats:
+        forward_features(model, images_u8, spec, device, batch)
+    return stats
 
 
 def save_checkpoint(model: DefectClassifier, path: str | os.PathLike,
@@ -688,8 +700,8 @@ def train(train_set: ImageFolder, val_set: ImageFolder, good_class: str, cfg: Tr
 
     t0 = time.perf_counter()
     val_emb, val_probs = embed(model, x_val, spec, device)
-    train_emb, train_probs = embed(model, x_train, spec, device)
-    bn_source = bn_input_stats(model, x_train, spec, device)
+    with recording_bn_inputs(model) as bn_source:  # training-domain statistics for label-free adaptation
+        train_emb, train_probs = embed(model, x_train, spec, device)
     timings["final_embed_s"] = time.perf_counter() - t0
     model = model.cpu().to(memory_format=torch.contiguous_format)
     return TrainResult(

@@ -15,8 +15,9 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from pipeline.adapt import align_batchnorm  # noqa: E402
+from pipeline.data.augment import to_float_nchw, torch_normalize  # noqa: E402
 from pipeline.preprocess import PreprocessSpec  # noqa: E402
-from pipeline.train import bn_input_stats  # noqa: E402
+from pipeline.train import bn_input_stats, recording_bn_inputs  # noqa: E402
 
 SPEC = PreprocessSpec(height=24, width=24)
 
@@ -103,3 +104,25 @@ def test_aligned_layers_see_the_training_distribution(gain: float, offset: float
         assert err_mean < 0.1 and err_sd < 0.1, (name, err_mean, err_sd)
         if gain != 1.0 and name == "body.1":
             assert np.abs(unaligned[name][0] - mean).max() > 5 * err_mean  # there was something to fix
+
+
+def test_recorded_statistics_do_not_depend_on_the_batching() -> None:
+    """Training records the source statistics during its final embedding pass (batches of 32), not in a
+    pass of their own: the result must be the statistics of all images, whatever the batch size."""
+    model, x = TinyNet(), _images(50, 3)
+    whole = bn_input_stats(model, x, SPEC, torch.device("cpu"), batch=64)
+    with torch.no_grad(), recording_bn_inputs(model) as recorded:
+        for i in range(0, len(x), 7):
+            model.features(torch_normalize(to_float_nchw(x[i:i + 7]), SPEC))
+    assert recorded.keys() == whole.keys() and len(whole) == 6
+    for name, (mean, var) in whole.items():
+        np.testing.assert_allclose(recorded[name][0], mean, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(recorded[name][1], var, rtol=1e-5, atol=1e-7)
+    assert not any(m._forward_pre_hooks for m in model.modules())  # hooks removed
+
+
+def test_recording_leaves_no_hooks_behind_when_the_pass_fails() -> None:
+    model = TinyNet()
+    with pytest.raises(RuntimeError), recording_bn_inputs(model) as recorded:
+        model.features(torch.zeros(1, 5, 24, 24))  # wrong channel count
+    assert recorded == {} and not any(m._forward_pre_hooks for m in model.modules())

@@ -151,6 +151,31 @@ def test_few_shots_train_a_model_without_drift_reference(trained, tmp_path):
     assert "at least" in json.loads((tmp_path / "r" / "metrics.json").read_text())["drift_reference_error"]
 
 
+def test_checkpoint_keeps_the_training_domain_statistics(trained):
+    """Label-free adaptation maps a new domain back onto the BatchNorm inputs of the training images; the
+    checkpoint must hold exactly those, measured on the final weights."""
+    from pipeline.data.augment import load_images
+    from pipeline.data.folders import ImageFolder, scan_image_folder
+    from pipeline.train import CHECKPOINT_FILE, bn_input_stats, classifier_for, load_bn_source, load_checkpoint
+
+    run, _, data = trained
+    meta = load_metadata(run / "model.onnx")
+    clf = classifier_for(meta)
+    clf.load_state_dict(load_checkpoint(run / CHECKPOINT_FILE))
+    every = scan_image_folder(data)
+    train_paths = {r["path"] for r in json.loads((run / "manifest.json").read_text())["train"]}
+    train_set = ImageFolder(root=every.root, classes=every.classes,
+                            samples=[s for s in every.samples if str(s.path.relative_to(every.root)) in train_paths])
+    assert len(train_set.samples) == len(train_paths)
+    x, _, _ = load_images(train_set, meta.preprocess)
+    expected = bn_input_stats(clf, x, meta.preprocess, torch.device("cpu"))
+    stored = load_bn_source(run / CHECKPOINT_FILE)
+    assert stored.keys() == expected.keys() and len(stored) > 10
+    for name, (mean, var) in expected.items():
+        np.testing.assert_allclose(stored[name][0], mean, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(stored[name][1], var, rtol=1e-4, atol=1e-5)
+
+
 def test_train_refuses_unknown_good_class(trained, tmp_path):
     _, _, data = trained
     res = CliRunner().invoke(main, ["train", str(data), "--out", str(tmp_path / "r"), "--good-class", "nope"])
